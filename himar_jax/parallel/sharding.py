@@ -1,0 +1,116 @@
+"""The one table mapping logical axis names to mesh axes, and helpers that shard param trees and batches.
+
+Logical names used by every model (annotate params with `nnx.with_partitioning(init, names)`):
+  batch      leading batch dimension of activations and data
+  embed      model width (residual stream)
+  mlp        hidden width of MLPs and of adaLN projections
+  heads      fused attention projections (q, k, v, out) along the heads*head_dim axis
+  vocab      codebook / class / output-vocabulary dimension
+  conv_in / conv_out   input / output channels of convolutions
+  length     sequence / position dimension of position embeddings
+  None       replicated (norm scales, biases, small tensors)
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+# Data parallelism spans data x fsdp (FSDP is data parallel with sharded state); tensor parallelism splits
+# MLP hidden and attention heads. A logical name may map to several mesh axes; axes already used by an earlier
+# dimension of the same array are skipped, and a dimension that does not divide evenly stays replicated.
+LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "tensor"),
+    ("conv_in", None),
+    ("conv_out", "fsdp"),
+    ("length", None),
+)
+
+
+def _as_tuple(axes) -> tuple[str, ...]:
+  if axes is None:
+    return ()
+  return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def logical_to_mesh_spec(logical: Sequence[str | None] | P | None, shape: Sequence[int] | None, mesh: Mesh,
+                         rules=LOGICAL_AXIS_RULES) -> P:
+  """Maps one array's logical axis names to a mesh PartitionSpec (divisibility-checked when `shape` is given)."""
+  if logical is None:
+    return P()
+  table = dict(rules)
+  used: set[str] = set()
+  out = []
+  for dim, name in enumerate(tuple(logical)):
+    if name is None:
+      out.append(None)
+      continue
+    if name not in table:
+      raise KeyError(f"logical axis name {name!r} has no rule in LOGICAL_AXIS_RULES; add one to "
+                     "himar_jax/parallel/sharding.py.")
+    axes = [a for a in _as_tuple(table[name]) if a not in used and mesh.shape.get(a, 1) > 1]
+    if shape is not None:
+      # Keep the longest prefix of mesh axes whose product divides the dimension.
+      kept, size = [], 1
+      for a in axes:
+        if shape[dim] % (size * mesh.shape[a]) == 0:
+          kept.append(a)
+          size *= mesh.shape[a]
+      axes = kept
+    used.update(axes)
+    out.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+  return P(*out)
+
+
+def _logical_names(leaf) -> tuple | None:
+  if isinstance(leaf, nnx.Variable):
+    return leaf.get_metadata().get("out_sharding") or leaf.get_metadata().get("sharding_names")
+  return None
+
+
+def state_shardings(state, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+  """NamedShardings for an nnx.State (or any tree of Variables / arrays), from the params' logical names."""
+
+  def one(leaf):
+    names = _logical_names(leaf)
+    value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+    shape = getattr(value, "shape", None)
+    spec = logical_to_mesh_spec(names, shape, mesh, rules) if names else P()
+    sharding = NamedSharding(mesh, spec)
+    return leaf.replace(sharding) if isinstance(leaf, nnx.Variable) else sharding
+
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+  """Global batches split their leading dimension over data x fsdp; other dimensions replicated."""
+  return NamedSharding(mesh, logical_to_mesh_spec(("batch",) + (None,) * (ndim - 1), None, mesh))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def shard_batch(batch, mesh: Mesh):
+  """Assembles a global, batch-sharded jax.Array tree from this process's slice of the global batch.
+
+  Each process passes its local rows (global_batch / process_count); on one host this is the whole batch.
+  """
+  def one(x):
+    sharding = batch_sharding(mesh, x.ndim)
+    if jax.process_count() == 1:
+      return jax.device_put(x, sharding)
+    return jax.make_array_from_process_local_data(sharding, x)
+
+  return jax.tree.map(one, batch)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  return mesh.shape["data"] * mesh.shape["fsdp"]
