@@ -1,0 +1,136 @@
+"""Scale layouts for block-sparse attention: which keys each query row may see, and which tiles to visit.
+
+A layout is a list of scale sizes (tokens per scale, e.g. pn**2 for VAR's patch_nums) and a pattern:
+  block_diagonal  scale k attends to scale k only (HMAR's next-scale Markov mask)
+  block_causal    scale k attends to scales 0..k (VAR's training mask)
+  full            every row attends to every real key
+Every pattern gives each row r one contiguous key range [row_start[r], row_end[r]) whose ends never decrease with
+r. That is what lets a kernel skip tiles: the keys of a query tile form one range of key tiles, and the queries
+that see a key tile form one range of query tiles. Both are computed here with numpy at trace time.
+
+Padding: kernels work on L rounded up to a multiple of the tile size. A padding row attends to the padding keys
+[L, L_pad) (finite logits, no empty softmax); real rows never see padding keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+PATTERNS = ("block_diagonal", "block_causal", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleLayout:
+  """Token counts per scale plus a pattern; hashable so it can be a static argument under jit."""
+  scale_sizes: tuple[int, ...]
+  pattern: str
+
+  def __post_init__(self):
+    if self.pattern not in PATTERNS:
+      raise ValueError(f"layout pattern={self.pattern!r} is not one of {PATTERNS}.")
+    sizes = tuple(int(s) for s in self.scale_sizes)
+    if not sizes or min(sizes) < 1:
+      raise ValueError(f"scale_sizes={self.scale_sizes!r} must be a non-empty list of positive token counts.")
+    object.__setattr__(self, "scale_sizes", sizes)
+
+  @classmethod
+  def from_patch_nums(cls, patch_nums, pattern: str) -> ScaleLayout:
+    """VAR / HMAR layout: scale k is a pn_k x pn_k token grid (patch_nums 1..16 give L = 680)."""
+    return cls(tuple(int(p) * int(p) for p in patch_nums), pattern)
+
+  @property
+  def length(self) -> int:
+    return int(sum(self.scale_sizes))
+
+  def padded_length(self, block: int) -> int:
+    return int(math.ceil(self.length / block) * block)
+
+  def row_ranges(self, l_pad: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row key range [start, end) as int32 arrays of length l_pad (padding rows see [L, l_pad))."""
+    length = self.length
+    l_pad = length if l_pad is None else l_pad
+    if l_pad < length:
+      raise ValueError(f"l_pad={l_pad} is shorter than the layout length {length}.")
+    ends = np.cumsum(self.scale_sizes)
+    starts = ends - np.asarray(self.scale_sizes)
+    scale_of_row = np.repeat(np.arange(len(self.scale_sizes)), self.scale_sizes)
+    row_end = ends[scale_of_row]
+    if self.pattern == "block_diagonal":
+      row_start = starts[scale_of_row]
+    elif self.pattern == "block_causal":
+      row_start = np.zeros(length, np.int64)
+    else:
+      row_start = np.zeros(length, np.int64)
+      row_end = np.full(length, length, np.int64)
+    pad = l_pad - length
+    row_start = np.concatenate([row_start, np.full(pad, length)]).astype(np.int32)
+    row_end = np.concatenate([row_end, np.full(pad, l_pad)]).astype(np.int32)
+    return row_start, row_end
+
+  def dense_mask(self, l_pad: int | None = None) -> np.ndarray:
+    """(L, L) boolean mask, True = attend (the reference's mask)."""
+    row_start, row_end = self.row_ranges(l_pad)
+    cols = np.arange(row_start.shape[0])
+    return (cols[None, :] >= row_start[:, None]) & (cols[None, :] < row_end[:, None])
+
+  def density(self) -> float:
+    """Fraction of the L x L logits that are attended."""
+    row_start, row_end = self.row_ranges()
+    return float(np.sum(row_end - row_start)) / float(self.length) ** 2
+
+
+@dataclasses.dataclass(frozen=True)
+class TilePlan:
+  """Trace-time tile schedule for one layout and tile sizes (all arrays int32, numpy).
+
+  kv_lo/kv_hi[i]: key tiles [kv_lo, kv_hi) that query tile i must visit (size block_k).
+  q_lo/q_hi[j]:   query tiles [q_lo, q_hi) that see key tile j (size block_q).
+  """
+  l_pad: int
+  block_q: int
+  block_k: int
+  row_start: np.ndarray
+  row_end: np.ndarray
+  kv_lo: np.ndarray
+  kv_hi: np.ndarray
+  q_lo: np.ndarray
+  q_hi: np.ndarray
+
+  @property
+  def visited_fraction(self) -> float:
+    """Fraction of all (query tile, key tile) pairs that are visited."""
+    n_q, n_k = self.l_pad // self.block_q, self.l_pad // self.block_k
+    return float(np.sum(self.kv_hi - self.kv_lo)) / (n_q * n_k)
+
+
+def plan_tiles(layout: ScaleLayout, block_q: int, block_k: int) -> TilePlan:
+  """Pads L to a multiple of both tile sizes and computes the visited tile ranges in both directions."""
+  block = math.lcm(block_q, block_k)
+  l_pad = layout.padded_length(block)
+  row_start, row_end = layout.row_ranges(l_pad)
+  if np.any(np.diff(row_start) < 0) or np.any(np.diff(row_end) < 0) or np.any(row_end <= row_start):
+    raise ValueError("row ranges must be non-empty with non-decreasing ends for tile skipping.")
+  n_q, n_k = l_pad // block_q, l_pad // block_k
+  starts_q = row_start.reshape(n_q, block_q)
+  ends_q = row_end.reshape(n_q, block_q)
+  kv_lo = starts_q.min(axis=1) // block_k
+  kv_hi = -(-ends_q.max(axis=1) // block_k)
+  # Query tiles that see key tile j: those whose [kv_lo, kv_hi) contains j (contiguous: both ends monotone).
+  tiles = np.arange(n_k)
+  sees = (kv_lo[:, None] <= tiles[None, :]) & (tiles[None, :] < kv_hi[:, None])  # (n_q, n_k)
+  if not np.all(sees.any(axis=0)):
+    raise ValueError("every key tile must be seen by some query tile (padding keys included).")
+  q_lo = np.argmax(sees, axis=0)
+  q_hi = n_q - np.argmax(sees[::-1], axis=0)
+  assert np.array_equal(sees.sum(axis=0), q_hi - q_lo), "query tiles seeing a key tile must be contiguous"
+  return TilePlan(l_pad, block_q, block_k, row_start, row_end, kv_lo.astype(np.int32), kv_hi.astype(np.int32),
+                  q_lo.astype(np.int32), q_hi.astype(np.int32))
+
+
+# VAR / HMAR patch_nums (tokens per scale = pn**2). The 1024px list is the one whose L (9451) and block-diagonal
+# density (27.5%) match HMAR's kernel notes.
+PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+PATCH_NUMS_1024 = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)
