@@ -105,10 +105,11 @@ class TilePlan:
     return float(np.sum(self.kv_hi - self.kv_lo)) / (n_q * n_k)
 
 
-def plan_tiles(layout: ScaleLayout, block_q: int, block_k: int) -> TilePlan:
-  """Pads L to a multiple of both tile sizes and computes the visited tile ranges in both directions."""
-  block = math.lcm(block_q, block_k)
-  l_pad = layout.padded_length(block)
+def plan_tiles(layout: ScaleLayout, block_q: int, block_k: int, l_pad: int | None = None) -> TilePlan:
+  """Pads L (to l_pad, default the next multiple of both tile sizes) and computes the visited tile ranges."""
+  l_pad = layout.padded_length(math.lcm(block_q, block_k)) if l_pad is None else l_pad
+  if l_pad % block_q or l_pad % block_k or l_pad < layout.length:
+    raise ValueError(f"l_pad={l_pad} must be >= L={layout.length} and a multiple of {block_q} and {block_k}.")
   row_start, row_end = layout.row_ranges(l_pad)
   if np.any(np.diff(row_start) < 0) or np.any(np.diff(row_end) < 0) or np.any(row_end <= row_start):
     raise ValueError("row ranges must be non-empty with non-decreasing ends for tile skipping.")

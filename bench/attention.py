@@ -1,0 +1,162 @@
+"""Benchmark: block-sparse attention kernel vs XLA dense-masked, cudnn dense-masked and cudnn unmasked attention.
+
+Run on a GPU machine from the repository root:
+  PYTHONPATH=. python bench/attention.py --out bench/results/attention_h100.json
+Before timing, checks our kernel (bfloat16) against the float32 XLA reference on fresh random inputs: output and
+dq, dk, dv, relative Frobenius error. Times are medians over repeats of back-to-back jitted calls, rotating among
+input sets so the L2 cache does not hold them; forward+backward is jax.vjp of the attention, applied to a random
+cotangent (all three gradients).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from himar_jax.kernels import PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_1024, ScaleLayout, block_sparse_attention
+from himar_jax.nn.attention import xla_attention
+
+SIZES = {"L680": (32, PATCH_NUMS_256), "L2240": (8, PATCH_NUMS_512), "L9451": (1, PATCH_NUMS_1024)}
+# HMAR's Triton kernel on the H100 (fp16, head_dim 64), from the issue: (forward, forward+backward) ms.
+TRITON_MS = {
+    ("L680", "block_diagonal"): (0.157, 1.236), ("L2240", "block_diagonal"): (0.231, 2.245),
+    ("L9451", "block_diagonal"): (0.419, 3.790), ("L680", "block_causal"): (0.231, 1.998),
+    ("L2240", "block_causal"): (0.397, 4.081), ("L9451", "block_causal"): (0.791, 7.996)}
+TORCH_FLASH_FWDBWD_MS = {"L680": 0.828, "L2240": 1.512, "L9451": 3.124}
+
+
+def methods(layout: ScaleLayout, kernel_kwargs):
+  mask = jnp.asarray(layout.dense_mask())[None, None]
+  return {
+      "ours": lambda q, k, v: block_sparse_attention(q, k, v, layout, **kernel_kwargs),
+      "xla_masked": lambda q, k, v: xla_attention(q, k, v, mask),
+      "cudnn_masked": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn"),
+      "cudnn_nomask": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"),
+  }
+
+
+def fwd_bwd(fn):
+  def run(q, k, v, do):
+    out, vjp = jax.vjp(fn, q, k, v)
+    return out, vjp(do)
+  return run
+
+
+def time_ms(fn, input_sets, iters: int, repeats: int) -> float:
+  """Median over repeats of (wall time of `iters` back-to-back calls, blocked at the end) / iters."""
+  jax.block_until_ready(fn(*input_sets[0]))
+  samples = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    outs = [fn(*input_sets[i % len(input_sets)]) for i in range(iters)]
+    jax.block_until_ready(outs)
+    samples.append((time.perf_counter() - t0) / iters * 1e3)
+  return float(np.median(samples))
+
+
+def rel_err(a, b) -> float:
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def check(layout, batch, heads, head_dim, key, kernel_kwargs):
+  """Relative errors of ours (bf16) vs the float32 reference: out, dq, dk, dv (fresh inputs)."""
+  shape = (batch, layout.length, heads, head_dim)
+  q, k, v, do = (jax.random.normal(kk, shape, jnp.float32) for kk in jax.random.split(key, 4))
+  mask = jnp.asarray(layout.dense_mask())[None, None]
+  ref_out, ref_vjp = jax.vjp(lambda q, k, v: xla_attention(q, k, v, mask), q, k, v)
+  ref = (ref_out, *ref_vjp(do))
+  bf = lambda x: x.astype(jnp.bfloat16)
+  ours_fn = jax.jit(fwd_bwd(lambda q, k, v: block_sparse_attention(q, k, v, layout, **kernel_kwargs)))
+  out, grads = ours_fn(bf(q), bf(k), bf(v), bf(do))
+  got = (out, *grads)
+  errs = [rel_err(a, b) for a, b in zip(got, ref)]
+  finite = all(bool(jnp.all(jnp.isfinite(x))) for x in got)
+  return errs, finite
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", default="bench/results/attention_h100.json")
+  parser.add_argument("--sizes", default="L680,L2240,L9451")
+  parser.add_argument("--patterns", default="block_diagonal,block_causal")
+  parser.add_argument("--methods", default="ours,xla_masked,cudnn_masked,cudnn_nomask")
+  parser.add_argument("--heads", type=int, default=16)
+  parser.add_argument("--head-dim", type=int, default=64)
+  parser.add_argument("--iters", type=int, default=20)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--input-sets", type=int, default=3)
+  parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=True)
+  parser.add_argument("--block-q", type=int, default=None)
+  parser.add_argument("--block-k", type=int, default=None)
+  parser.add_argument("--block-bwd", type=int, default=None)
+  parser.add_argument("--num-warps", type=int, default=None)
+  parser.add_argument("--num-stages", type=int, default=2)
+  args = parser.parse_args()
+  kernel_kwargs = dict(implementation="pallas_gpu", block_q=args.block_q, block_k=args.block_k,
+                       block_bwd=args.block_bwd, num_warps=args.num_warps, num_stages=args.num_stages)
+  key = jax.random.key(int(time.time_ns() % (2**31)))
+  rows, checks = [], []
+  for size in args.sizes.split(","):
+    batch, patch_nums = SIZES[size]
+    for pattern in args.patterns.split(","):
+      layout = ScaleLayout.from_patch_nums(patch_nums, pattern)
+      if args.check:
+        key, sub = jax.random.split(key)
+        try:
+          errs, finite = check(layout, min(batch, 2), 4, args.head_dim, sub, kernel_kwargs)
+        except Exception as e:  # reported, and timing goes on for the other methods
+          errs, finite = [f"{type(e).__name__}: {str(e)[:2000]}"], False
+        checks.append({"size": size, "pattern": pattern, "rel_err_out_dq_dk_dv": errs, "finite": finite})
+        print(f"check {size} {pattern}: rel err out/dq/dk/dv {errs} finite={finite}", flush=True)
+      shape = (batch, layout.length, args.heads, args.head_dim)
+      input_sets = []
+      for _ in range(args.input_sets):
+        key, *subs = jax.random.split(key, 5)
+        input_sets.append([jax.random.normal(s, shape, jnp.bfloat16) for s in subs])
+      for name, fn in methods(layout, kernel_kwargs).items():
+        if name not in args.methods.split(","):
+          continue
+        row = {"size": size, "pattern": pattern, "method": name, "batch": batch, "heads": args.heads,
+               "length": layout.length, "head_dim": args.head_dim}
+        try:
+          fwd = jax.jit(fn)
+          row["fwd_ms"] = time_ms(lambda q, k, v, do: fwd(q, k, v), input_sets, args.iters, args.repeats)
+          both = jax.jit(fwd_bwd(fn))
+          row["fwd_bwd_ms"] = time_ms(both, input_sets, args.iters, args.repeats)
+        except Exception as e:  # a method that fails to compile (e.g. cudnn limits) is reported, not fatal
+          row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        triton = TRITON_MS[(size, pattern)]
+        row["triton_fwd_ms"], row["triton_fwd_bwd_ms"] = triton
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+  print()
+  print(f"{'size':6} {'pattern':15} {'method':13} {'fwd ms':>8} {'f+b ms':>8} {'fwd/T':>6} {'f+b/T':>6}")
+  for r in rows:
+    if "error" in r:
+      print(f"{r['size']:6} {r['pattern']:15} {r['method']:13} error: {r['error'][:60]}")
+      continue
+    print(f"{r['size']:6} {r['pattern']:15} {r['method']:13} {r['fwd_ms']:8.3f} {r['fwd_bwd_ms']:8.3f} "
+          f"{r['fwd_ms'] / r['triton_fwd_ms']:6.2f} {r['fwd_bwd_ms'] / r['triton_fwd_bwd_ms']:6.2f}")
+  result = {
+      "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+      "device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "python": platform.python_version(),
+      "dtype": "bfloat16", "checks": checks, "rows": rows, "triton_targets_ms": {f"{a}/{b}": t for (a, b), t in
+                                                                                 TRITON_MS.items()},
+      "torch_flash_unmasked_fwd_bwd_ms": TORCH_FLASH_FWDBWD_MS}
+  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(result, f, indent=1)
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()

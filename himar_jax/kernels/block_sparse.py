@@ -1,0 +1,146 @@
+"""block_sparse_attention: the one entry point for scale-layout (VAR / HMAR) attention.
+
+Layout (batch, length, heads, head_dim) like jax.nn.dot_product_attention; length must equal layout.length.
+Backends ('implementation'):
+  'pallas_gpu'  Pallas kernels (Triton lowering) in pallas_gpu.py
+  'pallas_tpu'  Pallas Mosaic TPU kernels in pallas_tpu.py
+  'xla'         the dense-masked float32 reference (reference.py)
+  None          'pallas_gpu' on GPU, 'pallas_tpu' on TPU, 'xla' elsewhere
+Gradients come from Pallas backward kernels through jax.custom_vjp. A case a kernel does not support falls back to
+the reference and logs the reason once. `interpret=True` (or a pltpu.InterpretParams) runs the kernels on CPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from himar_jax.kernels import pallas_gpu, pallas_tpu
+from himar_jax.kernels.layout import ScaleLayout, plan_tiles
+from himar_jax.kernels.reference import reference_attention
+
+log = logging.getLogger(__name__)
+_logged_reasons: set[str] = set()
+IMPLEMENTATIONS = ("pallas_gpu", "pallas_tpu", "xla")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+  """Static kernel choices (hashable: a non-differentiable custom_vjp argument)."""
+  backend: str
+  scale: float
+  block_q: int
+  block_k: int
+  block_bwd: int
+  num_warps: int
+  num_stages: int
+  interpret: Any
+
+
+def _default_blocks(backend: str, head_dim: int) -> tuple[int, int, int]:
+  if backend == "pallas_tpu":
+    return 128, 128, 128
+  return (64, 64, 64) if head_dim <= 64 else (64, 32, 32)
+
+
+def _unsupported_reason(q, k, v, backend: str, interpret) -> str | None:
+  if q.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32) or not (q.dtype == k.dtype == v.dtype):
+    return f"dtypes {q.dtype}/{k.dtype}/{v.dtype} (kernels take one of bfloat16, float16, float32)"
+  head_dim = q.shape[-1]
+  if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
+    return f"head_dim={head_dim} (kernels take a power of two in 16..256)"
+  if not interpret:
+    platform = jax.default_backend()
+    wanted = "gpu" if backend == "pallas_gpu" else "tpu"
+    if platform != wanted:
+      return f"implementation={backend!r} on platform {platform!r} without interpret=True"
+  return None
+
+
+def _log_once(reason: str) -> None:
+  if reason not in _logged_reasons:
+    _logged_reasons.add(reason)
+    log.warning("block_sparse_attention: falling back to the XLA reference: %s", reason)
+
+
+def block_sparse_attention(q, k, v, layout: ScaleLayout, *, scale: float | None = None,
+                           implementation: str | None = None, block_q: int | None = None,
+                           block_k: int | None = None, block_bwd: int | None = None, num_warps: int | None = None,
+                           num_stages: int = 2, interpret: Any = False):
+  """Attention of (B, L, H, D) q, k, v under a scale layout; returns (B, L, H, D) in q's dtype."""
+  if not isinstance(layout, ScaleLayout):
+    raise TypeError(f"layout must be a ScaleLayout (got {type(layout).__name__}); build one with "
+                    "ScaleLayout.from_patch_nums(patch_nums, pattern).")
+  if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
+    raise ValueError(f"q, k, v must share one (batch, length, heads, head_dim) shape, got {q.shape}, {k.shape}, "
+                     f"{v.shape}.")
+  if q.shape[1] != layout.length:
+    raise ValueError(f"sequence length {q.shape[1]} does not match the layout's {layout.length} tokens "
+                     f"(scale_sizes={layout.scale_sizes}).")
+  scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+  if implementation is None:
+    implementation = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(jax.default_backend(), "xla")
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation={implementation!r} is not one of {IMPLEMENTATIONS} or None (auto).")
+  if implementation == "xla":
+    return reference_attention(q, k, v, layout, scale=scale)
+  reason = _unsupported_reason(q, k, v, implementation, interpret)
+  if reason is not None:
+    _log_once(reason)
+    return reference_attention(q, k, v, layout, scale=scale)
+
+  d_q, d_k, d_bwd = _default_blocks(implementation, q.shape[-1])
+  cfg = KernelConfig(implementation, scale, block_q or d_q, block_k or d_k, block_bwd or d_bwd,
+                     num_warps or (4 if q.shape[-1] <= 64 else 8), num_stages, interpret)
+  length = layout.length
+  l_pad = layout.padded_length(math.lcm(cfg.block_q, cfg.block_k, cfg.block_bwd))
+  pad = [(0, 0), (0, l_pad - length), (0, 0), (0, 0)]
+  qp, kp, vp = (jnp.pad(x, pad) for x in (q, k, v))
+  return _attend(qp, kp, vp, cfg, layout)[:, :length]
+
+
+def _plans(cfg: KernelConfig, layout: ScaleLayout, l_pad: int):
+  return (plan_tiles(layout, cfg.block_q, cfg.block_k, l_pad),
+          plan_tiles(layout, cfg.block_bwd, cfg.block_bwd, l_pad))
+
+
+def _bhld(x):
+  return jnp.swapaxes(x, 1, 2)
+
+
+def _forward(q, k, v, cfg: KernelConfig, layout: ScaleLayout):
+  plan, _ = _plans(cfg, layout, q.shape[1])
+  if cfg.backend == "pallas_gpu":
+    return pallas_gpu.forward(q, k, v, plan, scale=cfg.scale, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                              interpret=bool(cfg.interpret))
+  out, lse = pallas_tpu.forward(_bhld(q), _bhld(k), _bhld(v), plan, scale=cfg.scale, interpret=cfg.interpret)
+  return _bhld(out), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _attend(q, k, v, cfg: KernelConfig, layout: ScaleLayout):
+  return _forward(q, k, v, cfg, layout)[0]
+
+
+def _attend_fwd(q, k, v, cfg, layout):
+  out, lse = _forward(q, k, v, cfg, layout)
+  return out, (q, k, v, out, lse)
+
+
+def _attend_bwd(cfg, layout, residuals, d_out):
+  q, k, v, out, lse = residuals
+  _, plan = _plans(cfg, layout, q.shape[1])
+  if cfg.backend == "pallas_gpu":
+    return tuple(pallas_gpu.backward(q, k, v, out, lse, d_out, plan, scale=cfg.scale, num_warps=cfg.num_warps,
+                                     num_stages=cfg.num_stages, interpret=bool(cfg.interpret)))
+  grads = pallas_tpu.backward(_bhld(q), _bhld(k), _bhld(v), _bhld(out), lse, _bhld(d_out), plan, scale=cfg.scale,
+                              interpret=cfg.interpret)
+  return tuple(_bhld(g) for g in grads)
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
