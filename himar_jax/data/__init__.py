@@ -1,0 +1,37 @@
+"""Data sources and grain pipelines. `make_train_iterator(config)` yields this process's share of each batch."""
+from __future__ import annotations
+
+import numpy as np
+
+from himar_jax.data import fashion_mnist
+from himar_jax.data.pipeline import ArraySource, make_iterator
+
+
+def image_transform(image_size: int, random_flip: bool):
+  """uint8 (h, w) -> float32 (image_size, image_size, 1) in [-1, 1], centred on a background (-1) canvas."""
+
+  def transform(record, rng: np.random.Generator):
+    image = record["image"].astype(np.float32) / 127.5 - 1.0
+    h, w = image.shape[:2]
+    top, left = (image_size - h) // 2, (image_size - w) // 2
+    canvas = np.full((image_size, image_size), -1.0, np.float32)
+    canvas[top:top + h, left:left + w] = image
+    if random_flip and rng.random() < 0.5:
+      canvas = canvas[:, ::-1]
+    return {"image": np.ascontiguousarray(canvas[..., None]), "label": np.int32(record["label"])}
+
+  return transform
+
+
+def train_source(config):
+  images, labels = fashion_mnist.load(config.data.path, "train")
+  if config.data.max_examples:
+    images, labels = images[:config.data.max_examples], labels[:config.data.max_examples]
+  return ArraySource({"image": images, "label": labels})
+
+
+def make_train_iterator(config):
+  return make_iterator(train_source(config), global_batch_size=config.data.global_batch_size,
+                       seed=config.data.shuffle_seed,
+                       transform=image_transform(config.data.image_size, config.data.random_flip),
+                       num_workers=config.data.num_workers)

@@ -1,0 +1,23 @@
+"""Model families. Each family module has `build(model_config, rngs) -> nnx.Module`; the module implements
+`train_loss(batch, *, key, step)` and `sample(labels, *, key)`."""
+from __future__ import annotations
+
+import importlib
+
+FAMILIES = {
+    "pixel_mar": "himar_jax.models.himar",  # MAR on pixel patches (quickstart)
+}
+
+
+def family_module(config):
+  family = config.model.family
+  if family not in FAMILIES:
+    raise ValueError(f"config.model.family={family!r} is not one of {sorted(FAMILIES)}.")
+  return importlib.import_module(FAMILIES[family])
+
+
+def model_fn(config):
+  """A function rngs -> model, for abstract tracing (eval_shape) and sharded init."""
+  module = family_module(config)
+  module.validate(config)
+  return lambda rngs: module.build(config, rngs)

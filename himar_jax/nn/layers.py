@@ -42,9 +42,11 @@ class Mlp(nnx.Module):
     self.fc1 = dense(features, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype)
     self.fc2 = dense(hidden, features, ("mlp", "embed"), rngs=rngs, dtype=dtype)
     self.approximate_gelu = approximate_gelu
-    self.drop = nnx.Dropout(dropout, rngs=rngs)
+    # No Rngs stored in modules: randomness comes in at call time, so models hold parameters only.
+    self.drop = nnx.Dropout(dropout)
 
-  def __call__(self, x, *, deterministic: bool | None = None):
+  def __call__(self, x, *, rngs: nnx.Rngs | None = None):
+    """Dropout is active iff `rngs` is given (training)."""
     h = nnx.gelu(self.fc1(x), approximate=self.approximate_gelu)
-    h = self.drop(h, deterministic=deterministic)
-    return self.drop(self.fc2(h), deterministic=deterministic)
+    h = self.drop(h, deterministic=rngs is None, rngs=rngs)
+    return self.drop(self.fc2(h), deterministic=rngs is None, rngs=rngs)

@@ -89,6 +89,11 @@ def state_shardings(state, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def param_shardings(abstract_params, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> dict:
+  """Pure dict (the layout of `nnx.to_pure_dict`) of NamedShardings for an nnx.State of params."""
+  return nnx.to_pure_dict(state_shardings(abstract_params, mesh, rules))
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
   """Global batches split their leading dimension over data x fsdp; other dimensions replicated."""
   return NamedSharding(mesh, logical_to_mesh_spec(("batch",) + (None,) * (ndim - 1), None, mesh))

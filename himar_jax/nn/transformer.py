@@ -1,0 +1,64 @@
+"""Pre-LN Transformer block (timm `Block`: qkv bias, exact GELU) with optional scale-aware adaLN (Hi-MAR).
+
+With `num_phases > 0` the block follows Hi-MAR's scale-aware block: a phase embedding v (shared by all blocks of
+a stack, computed once per forward) is turned into (scale_msa, gate_msa, scale_mlp, gate_mlp) by a per-block,
+per-phase affine map c = v * a[phase] + b[phase], with a = 0 and b = [0, 1, 0, 1] at init, so every block starts
+as the plain block: no shift, LayerNorm keeps its affine parameters, gates start at 1 (the paper says
+"adaLN-Zero" and a 6-term modulation; the official code does this, and the checkpoints depend on it).
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from himar_jax.nn.attention import dot_product_attention
+from himar_jax.nn.layers import DEFAULT_COMPUTE_DTYPE, Mlp, dense, layer_norm
+
+
+class SelfAttention(nnx.Module):
+  """Multi-head self-attention with a fused qkv projection laid out (3, heads, head_dim) as timm's."""
+
+  def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, qkv_bias: bool = True, dropout: float = 0.0,
+               dtype=DEFAULT_COMPUTE_DTYPE, implementation: str | None = None):
+    if dim % num_heads:
+      raise ValueError(f"width {dim} is not divisible by num_heads={num_heads}.")
+    self.num_heads = num_heads
+    self.qkv = dense(dim, 3 * dim, ("embed", "heads"), rngs=rngs, use_bias=qkv_bias, dtype=dtype)
+    self.proj = dense(dim, dim, ("heads", "embed"), rngs=rngs, dtype=dtype)
+    self.drop = nnx.Dropout(dropout)
+    self.implementation = implementation
+
+  def __call__(self, x, *, key_mask=None, rngs: nnx.Rngs | None = None):
+    """x (B, L, D); key_mask (B, L) True where a token may be attended to."""
+    b, l, d = x.shape
+    qkv = self.qkv(x).reshape(b, l, 3, self.num_heads, d // self.num_heads)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    # timm also drops attention probabilities (MAR: attn_drop 0.1 in training); the fused attention paths have no
+    # probability dropout, so only the projection output is dropped here (inference and parity are unaffected).
+    out = dot_product_attention(q, k, v, mask, implementation=self.implementation).reshape(b, l, d)
+    return self.drop(self.proj(out), deterministic=rngs is None, rngs=rngs)
+
+
+class Block(nnx.Module):
+
+  def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, mlp_ratio: float = 4.0, dropout: float = 0.0,
+               num_phases: int = 0, dtype=DEFAULT_COMPUTE_DTYPE, eps: float = 1e-6):
+    self.norm1 = layer_norm(dim, rngs=rngs, epsilon=eps)
+    self.attn = SelfAttention(dim, num_heads, rngs=rngs, dropout=dropout, dtype=dtype)
+    self.norm2 = layer_norm(dim, rngs=rngs, epsilon=eps)
+    self.mlp = Mlp(dim, int(dim * mlp_ratio), rngs=rngs, dropout=dropout, dtype=dtype)
+    self.num_phases = num_phases
+    if num_phases:
+      init_shift = jnp.tile(jnp.array([0.0, 1.0, 0.0, 1.0]).repeat(dim), (num_phases, 1))
+      self.adaln_scale = nnx.Param(jnp.zeros((num_phases, 1, 1, 4 * dim)))
+      self.adaln_shift = nnx.Param(init_shift[:, None, None, :])
+
+  def __call__(self, x, *, phase_embedding=None, phase: int = 0, key_mask=None, rngs: nnx.Rngs | None = None):
+    if not self.num_phases:
+      x = x + self.attn(self.norm1(x), key_mask=key_mask, rngs=rngs)
+      return x + self.mlp(self.norm2(x), rngs=rngs)
+    c = phase_embedding[:, None, :] * self.adaln_scale[phase] + self.adaln_shift[phase]
+    scale_msa, gate_msa, scale_mlp, gate_mlp = jnp.split(c, 4, axis=-1)
+    x = x + gate_msa * self.attn(self.norm1(x) * (1 + scale_msa), key_mask=key_mask, rngs=rngs)
+    return x + gate_mlp * self.mlp(self.norm2(x) * (1 + scale_mlp), rngs=rngs)

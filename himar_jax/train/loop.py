@@ -1,0 +1,137 @@
+"""The training loop: mesh, model, data, state (fresh or resumed), jitted step, CLU logging, checkpoints."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+from clu import metric_writers, metrics as clu_metrics, periodic_actions
+from tqdm.auto import tqdm
+
+from himar_jax import config_lib, data, models
+from himar_jax.parallel import mesh as mesh_lib, sharding as sharding_lib
+from himar_jax.train import checkpoint as ckpt_lib
+from himar_jax.train.optimizer import make_optimizer
+from himar_jax.train.state import TrainState, count_params, init_train_state, make_train_setup
+from himar_jax.train.step import make_train_step
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+  pass
+
+
+@contextlib.contextmanager
+def _sigterm_flag():
+  """Turns SIGTERM (pre-emption, scancel) into a flag the loop checks between steps: save, then exit."""
+  flag = {"set": False}
+
+  def handler(signum, frame):  # noqa: ARG001
+    flag["set"] = True
+
+  previous = None
+  with contextlib.suppress(ValueError):  # not the main thread: no handler, nothing to restore
+    previous = signal.signal(signal.SIGTERM, handler)
+  try:
+    yield flag
+  finally:
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
+
+
+def _metrics_collection(names):
+  return clu_metrics.Collection.create(**{n: clu_metrics.Average.from_output(n) for n in sorted(names)})
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(workdir, "checkpoints")
+
+
+def train(config, workdir: str, *, stop_after: int | None = None) -> TrainState:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns the final state.
+
+  `stop_after` ends the loop after that many steps of this call (tests use it to interrupt a run; the schedule
+  and data are unchanged, so resuming continues exactly as an uninterrupted run).
+  """
+  config_lib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = mesh_lib.mesh_from_config(config)
+  num_steps = int(config.train.num_steps)
+  setup = make_train_setup(models.model_fn(config), make_optimizer(config, num_steps), mesh)
+  data_iter = data.make_train_iterator(config)
+  ckpt = ckpt_lib.Checkpointer(checkpoint_dir(workdir), max_to_keep=config.train.keep_checkpoints,
+                               save_interval_steps=1, async_save=config.train.async_checkpoint)
+  start = ckpt.latest_step()
+  if start is None:
+    state = init_train_state(setup, config.seed)
+    start = 0
+    log.info("initialised %s parameters", f"{count_params(state.params):,}")
+  else:
+    state = ckpt.restore(start, setup.abstract_state, data_iter)
+    log.info("resumed from %s at step %d", ckpt.directory, start)
+  step_fn = make_train_step(setup, config.optim.ema_decay)
+
+  is_main = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main, asynchronous=True)
+  if start == 0:
+    writer.write_hparams({k: v for k, v in config_lib.flatten(config).items()
+                          if isinstance(v, (int, float, str, bool))})
+  hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)]
+  if config.train.get("profile_steps", 0) and is_main:
+    hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.train.profile_steps))
+
+  end = num_steps if stop_after is None else min(num_steps, start + stop_after)
+  log_every, ckpt_every = int(config.train.log_every), int(config.train.checkpoint_every)
+  collection, accumulated = None, None
+  last_good = ckpt.latest_step()
+
+  def check_finite(step):
+    bad = int(jax.device_get(state.nonfinite_step))
+    if bad >= 0:
+      ckpt.wait()
+      where = (f"the last good checkpoint is step {last_good} in {ckpt.directory}" if last_good is not None
+               else "no checkpoint was written before it")
+      raise TrainingDiverged(f"loss or gradient norm became NaN/Inf at step {bad} (detected at step {step}); "
+                             f"{where}. Lower config.optim.lr / base_lr or raise config.optim.warmup_steps, then "
+                             "resume from that checkpoint.")
+
+  progress = tqdm(total=end, initial=start, desc="train", unit="step", disable=not is_main
+                  or not config.train.progress_bar, dynamic_ncols=True)
+  with _sigterm_flag() as sigterm, progress:
+    step = start
+    t0 = time.time()
+    while step < end:
+      batch = sharding_lib.shard_batch(next(data_iter), mesh)
+      state, metrics = step_fn(state, batch)
+      step += 1
+      if collection is None:
+        collection = _metrics_collection(metrics.keys())
+      update = collection.single_from_model_output(**metrics)
+      accumulated = update if accumulated is None else accumulated.merge(update)
+      for hook in hooks:
+        hook(step)
+      progress.update(1)
+      if step % log_every == 0 or step == end:
+        check_finite(step)
+        summary = {f"train/{k}": float(v) for k, v in accumulated.compute().items()}
+        summary["train/steps_per_sec"] = log_every / max(time.time() - t0, 1e-9)
+        writer.write_scalars(step, summary)
+        progress.set_postfix(loss=f"{summary['train/loss']:.4f}")
+        accumulated, t0 = None, time.time()
+      if step % ckpt_every == 0 or step == end or sigterm["set"]:
+        check_finite(step)
+        ckpt.save(step, state, data_iter, force=True)
+        last_good = step
+      if sigterm["set"]:
+        log.warning("SIGTERM: saved step %d to %s; exiting", step, ckpt.directory)
+        break
+  ckpt.wait()
+  ckpt.close()
+  writer.flush()
+  writer.close()
+  return state
