@@ -71,7 +71,7 @@ def _log_once(reason: str) -> None:
 def block_sparse_attention(q, k, v, layout: ScaleLayout, *, scale: float | None = None,
                            implementation: str | None = None, block_q: int | None = None,
                            block_k: int | None = None, block_bwd: int | None = None, num_warps: int | None = None,
-                           num_stages: int = 2, interpret: Any = False):
+                           num_stages: int = 3, interpret: Any = False):
   """Attention of (B, L, H, D) q, k, v under a scale layout; returns (B, L, H, D) in q's dtype."""
   if not isinstance(layout, ScaleLayout):
     raise TypeError(f"layout must be a ScaleLayout (got {type(layout).__name__}); build one with "
@@ -97,29 +97,33 @@ def block_sparse_attention(q, k, v, layout: ScaleLayout, *, scale: float | None 
   d_q, d_k, d_bwd = _default_blocks(implementation, q.shape[-1])
   cfg = KernelConfig(implementation, scale, block_q or d_q, block_k or d_k, block_bwd or d_bwd,
                      num_warps or (4 if q.shape[-1] <= 64 else 8), num_stages, interpret)
-  length = layout.length
+  return _attend(q, k, v, cfg, layout)
+
+
+def _plans(cfg: KernelConfig, layout: ScaleLayout):
+  """Forward and backward tile plans over one padded length (a multiple of every tile size)."""
   l_pad = layout.padded_length(math.lcm(cfg.block_q, cfg.block_k, cfg.block_bwd))
-  pad = [(0, 0), (0, l_pad - length), (0, 0), (0, 0)]
-  qp, kp, vp = (jnp.pad(x, pad) for x in (q, k, v))
-  return _attend(qp, kp, vp, cfg, layout)[:, :length]
-
-
-def _plans(cfg: KernelConfig, layout: ScaleLayout, l_pad: int):
   return (plan_tiles(layout, cfg.block_q, cfg.block_k, l_pad),
           plan_tiles(layout, cfg.block_bwd, cfg.block_bwd, l_pad))
 
 
-def _bhld(x):
-  return jnp.swapaxes(x, 1, 2)
+def _to_tpu(x, l_pad):
+  """(B, L, H, D) -> (B, H, L_pad, D) zero-padded: Mosaic TPU blocks are whole (tile, head_dim) matrices."""
+  return jnp.swapaxes(jnp.pad(x, [(0, 0), (0, l_pad - x.shape[1]), (0, 0), (0, 0)]), 1, 2)
+
+
+def _from_tpu(x, length):
+  return jnp.swapaxes(x, 1, 2)[:, :length]
 
 
 def _forward(q, k, v, cfg: KernelConfig, layout: ScaleLayout):
-  plan, _ = _plans(cfg, layout, q.shape[1])
+  plan, _ = _plans(cfg, layout)
   if cfg.backend == "pallas_gpu":
     return pallas_gpu.forward(q, k, v, plan, scale=cfg.scale, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                               interpret=bool(cfg.interpret))
-  out, lse = pallas_tpu.forward(_bhld(q), _bhld(k), _bhld(v), plan, scale=cfg.scale, interpret=cfg.interpret)
-  return _bhld(out), lse
+  out, lse = pallas_tpu.forward(*(_to_tpu(x, plan.l_pad) for x in (q, k, v)), plan, scale=cfg.scale,
+                                interpret=cfg.interpret)
+  return _from_tpu(out, q.shape[1]), lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -134,13 +138,13 @@ def _attend_fwd(q, k, v, cfg, layout):
 
 def _attend_bwd(cfg, layout, residuals, d_out):
   q, k, v, out, lse = residuals
-  _, plan = _plans(cfg, layout, q.shape[1])
+  _, plan = _plans(cfg, layout)
   if cfg.backend == "pallas_gpu":
     return tuple(pallas_gpu.backward(q, k, v, out, lse, d_out, plan, scale=cfg.scale, num_warps=cfg.num_warps,
                                      num_stages=cfg.num_stages, interpret=bool(cfg.interpret)))
-  grads = pallas_tpu.backward(_bhld(q), _bhld(k), _bhld(v), _bhld(out), lse, _bhld(d_out), plan, scale=cfg.scale,
-                              interpret=cfg.interpret)
-  return tuple(_bhld(g) for g in grads)
+  grads = pallas_tpu.backward(*(_to_tpu(x, plan.l_pad) for x in (q, k, v, out)), lse, _to_tpu(d_out, plan.l_pad),
+                              plan, scale=cfg.scale, interpret=cfg.interpret)
+  return tuple(_from_tpu(g, q.shape[1]) for g in grads)
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)

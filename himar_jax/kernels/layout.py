@@ -87,6 +87,8 @@ class TilePlan:
 
   kv_lo/kv_hi[i]: key tiles [kv_lo, kv_hi) that query tile i must visit (size block_k).
   q_lo/q_hi[j]:   query tiles [q_lo, q_hi) that see key tile j (size block_q).
+  kv_full_lo/kv_full_hi[i], q_full_lo/q_full_hi[j]: the sub-ranges of tile pairs where every row sees every key
+  and no row or key is padding (a kernel skips masks there); kv_lo <= kv_full_lo <= kv_full_hi <= kv_hi.
   """
   l_pad: int
   block_q: int
@@ -97,6 +99,10 @@ class TilePlan:
   kv_hi: np.ndarray
   q_lo: np.ndarray
   q_hi: np.ndarray
+  kv_full_lo: np.ndarray
+  kv_full_hi: np.ndarray
+  q_full_lo: np.ndarray
+  q_full_hi: np.ndarray
 
   @property
   def visited_fraction(self) -> float:
@@ -126,8 +132,28 @@ def plan_tiles(layout: ScaleLayout, block_q: int, block_k: int, l_pad: int | Non
   q_lo = np.argmax(sees, axis=0)
   q_hi = n_q - np.argmax(sees[::-1], axis=0)
   assert np.array_equal(sees.sum(axis=0), q_hi - q_lo), "query tiles seeing a key tile must be contiguous"
-  return TilePlan(l_pad, block_q, block_k, row_start, row_end, kv_lo.astype(np.int32), kv_hi.astype(np.int32),
-                  q_lo.astype(np.int32), q_hi.astype(np.int32))
+  # Full pairs: the tile's latest start <= the key tile's first key, its earliest end >= the key tile's end,
+  # and neither tile holds padding.
+  length = layout.length
+  real_q = (np.arange(1, n_q + 1) * block_q) <= length
+  real_k = (np.arange(1, n_k + 1) * block_k) <= length
+  full = ((starts_q.max(axis=1)[:, None] <= tiles[None, :] * block_k)
+          & (ends_q.min(axis=1)[:, None] >= (tiles[None, :] + 1) * block_k)
+          & real_q[:, None] & real_k[None, :])
+  kv_full_lo, kv_full_hi = _contiguous(full, kv_hi)
+  q_full_lo, q_full_hi = _contiguous(full.T, q_hi)
+  i32 = lambda x: np.asarray(x, np.int32)
+  return TilePlan(l_pad, block_q, block_k, row_start, row_end, i32(kv_lo), i32(kv_hi), i32(q_lo), i32(q_hi),
+                  i32(kv_full_lo), i32(kv_full_hi), i32(q_full_lo), i32(q_full_hi))
+
+
+def _contiguous(rows: np.ndarray, empty_at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Per row of a boolean matrix, the [lo, hi) of its True entries (asserted contiguous); [e, e) if none."""
+  any_true = rows.any(axis=1)
+  lo = np.where(any_true, np.argmax(rows, axis=1), empty_at)
+  hi = np.where(any_true, rows.shape[1] - np.argmax(rows[:, ::-1], axis=1), empty_at)
+  assert np.array_equal(rows.sum(axis=1), hi - lo), "full tiles must be contiguous"
+  return lo, hi
 
 
 # VAR / HMAR patch_nums (tokens per scale = pn**2). The 1024px list is the one whose L (9451) and block-diagonal

@@ -1,8 +1,10 @@
 """Block-sparse attention on GPU: Pallas kernels through the Triton lowering (forward, fused dq/dk/dv backward).
 
-Tensors keep the (batch, length, heads, head_dim) layout; length is already padded to the tile plan's l_pad.
-Each query tile loops over key tiles [kv_lo, kv_hi) only, each key tile (backward) over query tiles [q_lo, q_hi);
-tiles outside are never loaded. Within a visited tile the per-row range [row_start, row_end) masks logits.
+Tensors keep the (batch, length, heads, head_dim) layout, unpadded: the last tile's rows past L are loaded with
+masks (as zeros) and never stored, so no padded copy of q, k, v or the outputs is made. Each query tile loops over
+key tiles [kv_lo, kv_hi) only, each key tile (backward) over query tiles [q_lo, q_hi); tiles outside are never
+loaded. Inside that range, the "full" sub-range runs without masks; the boundary tiles mask logits with the
+per-row range [row_start, row_end). Tiles run heaviest-first (last tile first: later scales are larger).
 Logits live in base 2 (scaled by scale*log2(e)) so the softmax uses exp2; lse is stored in the same units.
 
 Why Triton and not Mosaic GPU: see bench/attention_notes.md (the Mosaic GPU path was not finished this session).
@@ -26,92 +28,140 @@ MASK_VALUE = -1e30
 LOG2E = math.log2(math.e)
 
 
+_NT = (((1,), (1,)), ((), ()))  # a @ b.T
+_TN = (((0,), (0,)), ((), ()))  # a.T @ b
+_NN = (((1,), (0,)), ((), ()))  # a @ b
+
+
+def _dot(a, b, dims=_NN):
+  return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
 def _row_mask(rows_start, rows_end, col0, block_k):
   cols = col0 + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
   return (cols >= rows_start[:, None]) & (cols < rows_end[:, None])
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, rs_ref, re_ref, lo_ref, hi_ref, o_ref, lse_ref, *, qk_scale, block_k):
-  block_q, head_dim = q_ref.shape
-  q = q_ref[...]
-  rows_start, rows_end = rs_ref[...], re_ref[...]
-  lo, hi = jnp.min(lo_ref[...]), jnp.max(hi_ref[...])
-
-  def body(j, carry):
-    acc, m_prev, l_prev = carry
-    col0 = j * block_k
-    k = k_ref[pl.ds(col0, block_k), :]
-    v = v_ref[pl.ds(col0, block_k), :]
-    s = pl.dot(q, k, trans_b=True) * qk_scale
-    s = jnp.where(_row_mask(rows_start, rows_end, col0, block_k), s, MASK_VALUE)
-    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
-    alpha = jnp.exp2(m_prev - m_new)
-    p = jnp.exp2(s - m_new[:, None])
-    l_new = alpha * l_prev + jnp.sum(p, axis=1)
-    acc = acc * alpha[:, None] + pl.dot(p.astype(v.dtype), v)
-    return acc, m_new, l_new
-
-  acc = jnp.zeros((block_q, head_dim), jnp.float32)
-  m = jnp.full((block_q,), -jnp.inf, jnp.float32)
-  l = jnp.zeros((block_q,), jnp.float32)
-  acc, m, l = lax.fori_loop(lo, hi, body, (acc, m, l))
-  o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
-  lse_ref[...] = m + jnp.log2(l)
+def _load_rows(ref, start, block, length, masked):
+  """Rows [start, start + block) of a (length, D) ref; rows past `length` read as zeros when masked."""
+  if not masked:
+    return ref[pl.ds(start, block), :]
+  ok = (start + lax.broadcasted_iota(jnp.int32, (block, 1), 0)) < length
+  return pl_triton.load(ref.at[pl.ds(start, block), :], mask=ok, other=0.0)
 
 
-def _bwd_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rs_ref, re_ref, kv_lo_ref, kv_hi_ref, q_lo_ref,
-                q_hi_ref, dq_ref, dk_ref, dv_ref, *, qk_scale, scale, block):
+def _store_rows(ref, start, value, length):
+  ok = (start + lax.broadcasted_iota(jnp.int32, (value.shape[0], 1), 0)) < length
+  pl_triton.store(ref.at[pl.ds(start, value.shape[0]), :], value.astype(ref.dtype), mask=ok)
+
+
+def _tile_range(lo_ref, hi_ref, rows):
+  return jnp.min(lo_ref[rows]), jnp.max(hi_ref[rows])
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, rs_ref, re_ref, lo_ref, flo_ref, fhi_ref, hi_ref, o_ref, lse_ref, *,
+                qk_scale, block_q, block_k, length):
+  i = pl.num_programs(0) - 1 - pl.program_id(0)
+  row0 = i * block_q
+  rows = pl.ds(row0, block_q)
+  q = _load_rows(q_ref, row0, block_q, length, True)
+  rows_start, rows_end = rs_ref[rows], re_ref[rows]
+  head_dim = q.shape[-1]
+
+  def body(masked):
+    def step(j, carry):
+      acc, m_prev, l_prev = carry
+      col0 = j * block_k
+      k = _load_rows(k_ref, col0, block_k, length, masked)
+      v = _load_rows(v_ref, col0, block_k, length, masked)
+      s = _dot(q, k, _NT) * qk_scale
+      if masked:
+        s = jnp.where(_row_mask(rows_start, rows_end, col0, block_k), s, MASK_VALUE)
+      m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
+      alpha = jnp.exp2(m_prev - m_new)
+      p = jnp.exp2(s - m_new[:, None])
+      l_new = alpha * l_prev + jnp.sum(p, axis=1)
+      acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+      return acc, m_new, l_new
+    return step
+
+  lo, hi = _tile_range(lo_ref, hi_ref, rows)
+  full_lo, full_hi = _tile_range(flo_ref, fhi_ref, rows)
+  carry = (jnp.zeros((block_q, head_dim), jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
+           jnp.zeros((block_q,), jnp.float32))
+  carry = lax.fori_loop(lo, full_lo, body(True), carry)
+  carry = lax.fori_loop(full_lo, full_hi, body(False), carry)
+  acc, m, l = lax.fori_loop(full_hi, hi, body(True), carry)
+  _store_rows(o_ref, row0, acc / l[:, None], length)
+  lse_ref[rows] = m + jnp.log2(l)
+
+
+def _bwd_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rs_ref, re_ref, kv_lo_ref, kv_flo_ref, kv_fhi_ref,
+                kv_hi_ref, q_lo_ref, q_flo_ref, q_fhi_ref, q_hi_ref, dq_ref, dk_ref, dv_ref, *, qk_scale, scale,
+                block, length):
   """Program t: dk, dv of key tile t (loop over its query tiles), then dq of query tile t (loop over its keys)."""
-  head_dim = q_ref.shape[-1]
-  t = pl.program_id(0)
-  tile = pl.ds(t * block, block)
+  t = pl.num_programs(0) - 1 - pl.program_id(0)
+  tile0 = t * block
+  tile = pl.ds(tile0, block)
+  k = _load_rows(k_ref, tile0, block, length, True)
+  v = _load_rows(v_ref, tile0, block, length, True)
+  head_dim = k.shape[-1]
+  zeros = jnp.zeros((block, head_dim), jnp.float32)
 
   # dK, dV of key tile t.
-  k = k_ref[tile, :]
-  v = v_ref[tile, :]
-  col0 = t * block
+  def dkdv(masked):
+    def step(i, carry):
+      dk, dv = carry
+      row0 = i * block
+      rows = pl.ds(row0, block)
+      q = _load_rows(q_ref, row0, block, length, masked)
+      do = _load_rows(do_ref, row0, block, length, masked)
+      s = _dot(q, k, _NT) * qk_scale
+      if masked:
+        s = jnp.where(_row_mask(rs_ref[rows], re_ref[rows], tile0, block), s, MASK_VALUE)
+      p = jnp.exp2(s - lse_ref[rows][:, None])
+      dv = dv + _dot(p.astype(do.dtype), do, _TN)
+      dp = _dot(do, v, _NT)
+      ds = p * (dp - delta_ref[rows][:, None])
+      dk = dk + _dot(ds.astype(q.dtype), q, _TN)
+      return dk, dv
+    return step
 
-  def dkdv_body(i, carry):
-    dk, dv = carry
-    rows = pl.ds(i * block, block)
-    q = q_ref[rows, :]
-    do = do_ref[rows, :]
-    s = pl.dot(q, k, trans_b=True) * qk_scale
-    s = jnp.where(_row_mask(rs_ref[rows], re_ref[rows], col0, block), s, MASK_VALUE)
-    p = jnp.exp2(s - lse_ref[rows][:, None])
-    dv = dv + pl.dot(p.astype(do.dtype), do, trans_a=True)
-    dp = pl.dot(do, v, trans_b=True)
-    ds = p * (dp - delta_ref[rows][:, None])
-    dk = dk + pl.dot(ds.astype(q.dtype), q, trans_a=True)
-    return dk, dv
-
-  zeros = jnp.zeros((block, head_dim), jnp.float32)
-  q_lo, q_hi = jnp.min(q_lo_ref[...]), jnp.max(q_hi_ref[...])
-  dk, dv = lax.fori_loop(q_lo, q_hi, dkdv_body, (zeros, zeros))
-  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
-  dv_ref[...] = dv.astype(dv_ref.dtype)
+  lo, hi = _tile_range(q_lo_ref, q_hi_ref, tile)
+  full_lo, full_hi = _tile_range(q_flo_ref, q_fhi_ref, tile)
+  carry = lax.fori_loop(lo, full_lo, dkdv(True), (zeros, zeros))
+  carry = lax.fori_loop(full_lo, full_hi, dkdv(False), carry)
+  dk, dv = lax.fori_loop(full_hi, hi, dkdv(True), carry)
+  _store_rows(dk_ref, tile0, dk * scale, length)
+  _store_rows(dv_ref, tile0, dv, length)
 
   # dQ of query tile t.
-  q = q_ref[tile, :]
-  do = do_ref[tile, :]
+  q = _load_rows(q_ref, tile0, block, length, True)
+  do = _load_rows(do_ref, tile0, block, length, True)
   lse = lse_ref[tile]
   delta = delta_ref[tile]
   rows_start, rows_end = rs_ref[tile], re_ref[tile]
 
-  def dq_body(j, dq):
-    c0 = j * block
-    k = k_ref[pl.ds(c0, block), :]
-    v = v_ref[pl.ds(c0, block), :]
-    s = pl.dot(q, k, trans_b=True) * qk_scale
-    s = jnp.where(_row_mask(rows_start, rows_end, c0, block), s, MASK_VALUE)
-    p = jnp.exp2(s - lse[:, None])
-    dp = pl.dot(do, v, trans_b=True)
-    ds = p * (dp - delta[:, None])
-    return dq + pl.dot(ds.astype(k.dtype), k)
+  def dq_body(masked):
+    def step(j, dq):
+      col0 = j * block
+      k = _load_rows(k_ref, col0, block, length, masked)
+      v = _load_rows(v_ref, col0, block, length, masked)
+      s = _dot(q, k, _NT) * qk_scale
+      if masked:
+        s = jnp.where(_row_mask(rows_start, rows_end, col0, block), s, MASK_VALUE)
+      p = jnp.exp2(s - lse[:, None])
+      dp = _dot(do, v, _NT)
+      ds = p * (dp - delta[:, None])
+      return dq + _dot(ds.astype(k.dtype), k)
+    return step
 
-  kv_lo, kv_hi = jnp.min(kv_lo_ref[...]), jnp.max(kv_hi_ref[...])
-  dq = lax.fori_loop(kv_lo, kv_hi, dq_body, zeros)
-  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+  lo, hi = _tile_range(kv_lo_ref, kv_hi_ref, tile)
+  full_lo, full_hi = _tile_range(kv_flo_ref, kv_fhi_ref, tile)
+  dq = lax.fori_loop(lo, full_lo, dq_body(True), zeros)
+  dq = lax.fori_loop(full_lo, full_hi, dq_body(False), dq)
+  dq = lax.fori_loop(full_hi, hi, dq_body(True), dq)
+  _store_rows(dq_ref, tile0, dq * scale, length)
 
 
 def _per_row(tile_values: np.ndarray, block: int) -> jax.Array:
@@ -119,53 +169,59 @@ def _per_row(tile_values: np.ndarray, block: int) -> jax.Array:
   return jnp.asarray(np.repeat(tile_values, block).astype(np.int32))
 
 
-def forward(q, k, v, plan: TilePlan, *, scale: float, num_warps: int = 4, num_stages: int = 2,
+def _full_spec(length, head_dim):
+  return pl.BlockSpec((None, length, None, head_dim), lambda t, b, h: (b, 0, h, 0))
+
+
+def _vec_spec(n):
+  return pl.BlockSpec((n,), lambda t, b, h: (0,))
+
+
+def forward(q, k, v, plan: TilePlan, *, scale: float, num_warps: int = 4, num_stages: int = 3,
             interpret: bool = False):
-  """Returns (out (B, L_pad, H, D), lse (B, H, L_pad) float32 in base-2 units of the scaled logits)."""
-  batch, l_pad, heads, head_dim = q.shape
-  bq, bk = plan.block_q, plan.block_k
-  grid = (l_pad // bq, batch, heads)
-  q_spec = pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0))
-  kv_spec = pl.BlockSpec((None, l_pad, None, head_dim), lambda i, b, h: (b, 0, h, 0))
-  row_spec = pl.BlockSpec((bq,), lambda i, b, h: (i,))
-  kernel = functools.partial(_fwd_kernel, qk_scale=scale * LOG2E, block_k=bk)
+  """q, k, v (B, L, H, D), unpadded. Returns out (B, L, H, D) and lse (B, H, L_pad) float32 (base-2 units)."""
+  batch, length, heads, head_dim = q.shape
+  l_pad, bq, bk = plan.l_pad, plan.block_q, plan.block_k
+  spec = _full_spec(length, head_dim)
+  kernel = functools.partial(_fwd_kernel, qk_scale=scale * LOG2E, block_q=bq, block_k=bk, length=length)
+  rows = [jnp.asarray(plan.row_start), jnp.asarray(plan.row_end)]
+  ranges = [_per_row(x, bq) for x in (plan.kv_lo, plan.kv_full_lo, plan.kv_full_hi, plan.kv_hi)]
   return pl.pallas_call(
       kernel,
-      grid=grid,
-      in_specs=[q_spec, kv_spec, kv_spec, row_spec, row_spec, row_spec, row_spec],
-      out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))],
+      grid=(l_pad // bq, batch, heads),
+      in_specs=[spec] * 3 + [_vec_spec(l_pad)] * 6,
+      out_specs=[spec, pl.BlockSpec((None, None, l_pad), lambda t, b, h: (b, h, 0))],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((batch, heads, l_pad), jnp.float32)],
       compiler_params=pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="block_sparse_attention_fwd",
-  )(q, k, v, jnp.asarray(plan.row_start), jnp.asarray(plan.row_end), _per_row(plan.kv_lo, bq),
-    _per_row(plan.kv_hi, bq))
+  )(q, k, v, *rows, *ranges)
 
 
-def backward(q, k, v, out, lse, do, plan: TilePlan, *, scale: float, num_warps: int = 4, num_stages: int = 2,
+def backward(q, k, v, out, lse, do, plan: TilePlan, *, scale: float, num_warps: int = 4, num_stages: int = 3,
              interpret: bool = False):
-  """Returns (dq, dk, dv). The plan must use one tile size for queries and keys."""
-  batch, l_pad, heads, head_dim = q.shape
+  """Returns (dq, dk, dv), each (B, L, H, D). The plan must use one tile size for queries and keys."""
+  batch, length, heads, head_dim = q.shape
   if plan.block_q != plan.block_k:
     raise ValueError(f"backward needs block_q == block_k, got {plan.block_q} and {plan.block_k}.")
-  block = plan.block_q
+  block, l_pad = plan.block_q, plan.l_pad
   # delta_r = sum_d do * o (the softmax-backward row term), in float32, in XLA: one cheap pass.
   delta = jnp.einsum("blhd,blhd->bhl", do.astype(jnp.float32), out.astype(jnp.float32))
-  full_spec = pl.BlockSpec((None, l_pad, None, head_dim), lambda t, b, h: (b, 0, h, 0))
-  tile_spec = pl.BlockSpec((None, block, None, head_dim), lambda t, b, h: (b, t, h, 0))
-  row_full = pl.BlockSpec((None, None, l_pad), lambda t, b, h: (b, h, 0))
-  vec_full = pl.BlockSpec((l_pad,), lambda t, b, h: (0,))
-  vec_tile = pl.BlockSpec((block,), lambda t, b, h: (t,))
-  kernel = functools.partial(_bwd_kernel, qk_scale=scale * LOG2E, scale=scale, block=block)
+  delta = jnp.pad(delta, [(0, 0), (0, 0), (0, l_pad - length)])
+  spec = _full_spec(length, head_dim)
+  stat_spec = pl.BlockSpec((None, None, l_pad), lambda t, b, h: (b, h, 0))
+  kernel = functools.partial(_bwd_kernel, qk_scale=scale * LOG2E, scale=scale, block=block, length=length)
+  rows = [jnp.asarray(plan.row_start), jnp.asarray(plan.row_end)]
+  ranges = [_per_row(x, block) for x in (plan.kv_lo, plan.kv_full_lo, plan.kv_full_hi, plan.kv_hi, plan.q_lo,
+                                         plan.q_full_lo, plan.q_full_hi, plan.q_hi)]
   return pl.pallas_call(
       kernel,
       grid=(l_pad // block, batch, heads),
-      in_specs=[full_spec] * 4 + [row_full, row_full, vec_full, vec_full] + [vec_tile] * 4,
-      out_specs=[tile_spec] * 3,
+      in_specs=[spec] * 4 + [stat_spec] * 2 + [_vec_spec(l_pad)] * 10,
+      out_specs=[spec] * 3,
       out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)],
       compiler_params=pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="block_sparse_attention_bwd",
-  )(q, k, v, do, lse, delta, jnp.asarray(plan.row_start), jnp.asarray(plan.row_end), _per_row(plan.kv_lo, block),
-    _per_row(plan.kv_hi, block), _per_row(plan.q_lo, block), _per_row(plan.q_hi, block))
+  )(q, k, v, do, lse, delta, *rows, *ranges)
