@@ -216,10 +216,14 @@ def test_dit_head_init_and_errors():
 def test_head_samplers_with_keys():
   head = H.MlpHead(4, 8, 16, 1, rngs=nnx.Rngs(0))
   # Perturb every weight: the zero-initialised output layer would make guidance irrelevant.
-  params = nnx.state(head, nnx.Param)
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(3), len(leaves))
-  nnx.update(head, jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]))
+  leaves, tree = jax.tree.flatten(nnx.state(head, nnx.Param))
+
+  @jax.jit
+  def perturb(leaves, key):
+    keys = jax.random.split(key, len(leaves))
+    return [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
+
+  nnx.update(head, jax.tree.unflatten(tree, perturb(leaves, jax.random.key(3))))
   gen = create_diffusion("10")
   z = jax.random.normal(jax.random.key(4), (4, 8))  # 2 conditional rows, then 2 unconditional rows
   run = nnx.jit(lambda head, z, cfg, key: H.mlp_head_sample(head, gen, z, cfg_scale=cfg, key=key))
