@@ -162,6 +162,11 @@ def test_dit_head_forward_matches_official(dit):
   out = forward(head, jnp.asarray(to_tokens(f["x"])), jnp.asarray(f["t"]), jnp.asarray(to_tokens(f["z"])))
   assert out.shape == (2, 256, 4)
   close(out, to_tokens(f["out"]))
+  # Default mixed precision (bfloat16 matmuls and attention inputs, float32 norms / residual) stays close.
+  out16 = forward(dit_head(f, dtype=jnp.bfloat16), jnp.asarray(to_tokens(f["x"])), jnp.asarray(f["t"]),
+                  jnp.asarray(to_tokens(f["z"])))
+  assert out16.dtype == jnp.float32
+  close(out16, to_tokens(f["out"]), rel=5e-2)
 
 
 def test_dit_head_loss_matches_official(dit):
