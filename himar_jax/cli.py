@@ -21,6 +21,8 @@ VERBS = {
     "train": "himar_jax.cli:train_verb",
     "info": "himar_jax.cli:info_verb",
     "quickstart": "himar_jax.cli:quickstart_verb",
+    "convert": "himar_jax.convert.tokenizers:convert_verb",
+    "cache-latents": "himar_jax.data.latent_cache:cache_latents_verb",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/quickstart.py:tiny.",

@@ -28,14 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from himar_jax.tokenizers import kl_vae, vq_pyramid
+from himar_jax.tokenizers import KINDS, PRESETS, build, config_from_dict, kl_vae, preset  # noqa: F401
 
-KINDS = ("kl_vae", "vq_pyramid")
-PRESETS = {
-    "kl16": ("kl_vae", kl_vae.kl16_config),
-    "vq256": ("vq_pyramid", lambda: vq_pyramid.var_vqvae_config(256)),
-    "vq512": ("vq_pyramid", lambda: vq_pyramid.var_vqvae_config(512)),
-}
 METADATA_FILE = "tokenizer.json"
 
 
@@ -205,23 +199,6 @@ def load_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray], *, 
 
 
 # ---- building, saving, loading -------------------------------------------------------------------------------
-def build(kind: str, config, *, abstract: bool = False, dtype=jnp.float32, seed: int = 0) -> nnx.Module:
-  if kind not in KINDS:
-    raise ValueError(f"tokenizer kind={kind!r} is not one of {KINDS}.")
-  cls = kl_vae.KLVAE if kind == "kl_vae" else vq_pyramid.VQPyramid
-  make = lambda: cls(config, rngs=nnx.Rngs(seed), dtype=dtype)
-  return nnx.eval_shape(make) if abstract else make()
-
-
-def config_from_dict(kind: str, d: Mapping):
-  cls = kl_vae.KLVAEConfig if kind == "kl_vae" else vq_pyramid.VQPyramidConfig
-  fields = {f.name for f in dataclasses.fields(cls)}
-  unknown = set(d) - fields
-  if unknown:
-    raise ValueError(f"{kind} config has unknown fields {sorted(unknown)}; known: {sorted(fields)}.")
-  return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-
-
 def fingerprint(model: nnx.Module) -> str:
   """sha256 over the parameters' names, shapes and bytes (identifies a tokenizer, e.g. in latent caches)."""
   h = hashlib.sha256()
@@ -295,14 +272,11 @@ def load_tokenizer(tokenizer_dir: str, *, dtype=jnp.float32) -> tuple[nnx.Module
   return nnx.merge(graphdef, state), meta
 
 
-def convert_checkpoint(src: str, out_dir: str, *, preset: str | None = None, kind: str | None = None,
+def convert_checkpoint(src: str, out_dir: str, *, preset_name: str | None = None, kind: str | None = None,
                        config=None, strict: bool = False) -> tuple[str, LoadReport]:
   """Converts one official checkpoint into a tokenizer directory; returns (out_dir, report)."""
-  if preset is not None:
-    if preset not in PRESETS:
-      raise ValueError(f"preset={preset!r} is not one of {sorted(PRESETS)}.")
-    kind, make_config = PRESETS[preset]
-    config = make_config()
+  if preset_name is not None:
+    kind, config = preset(preset_name)
   if kind is None or config is None:
     raise ValueError("pass preset= (kl16, vq256, vq512) or both kind= and config=.")
   model = build(kind, config, abstract=True)
@@ -320,7 +294,43 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--out", required=True, help="output directory (state/ + tokenizer.json)")
   parser.add_argument("--strict", action="store_true", help="refuse unexpected checkpoint keys")
   args = parser.parse_args(argv)
-  out, report = convert_checkpoint(args.src, args.out, preset=args.preset, strict=args.strict)
+  out, report = convert_checkpoint(args.src, args.out, preset_name=args.preset, strict=args.strict)
   print(report.summary())
   print(f"wrote {out} ({read_metadata(out)['num_params']:,} parameters)")
+  return 0
+
+
+def random_tokenizer(out_dir: str, kind: str, config, *, seed: int = 0) -> str:
+  """Saves a randomly initialised tokenizer (smoke tests of the cache / training paths without weights)."""
+  return save_tokenizer(build(kind, config, seed=seed), kind, out_dir, source=f"random:{seed}")
+
+
+def convert_verb(flags) -> int:
+  """`python -m himar_jax convert --config=configs/kl_vae.py:kl16 --config.convert.src=kl16.ckpt --workdir=OUT`.
+
+  Converts config.convert.src (an official checkpoint, or `random:<seed>` for a random-weight tokenizer) for the
+  tokenizer that config.tokenizer names, into the tokenizer directory --workdir (state/ + tokenizer.json).
+  """
+  from himar_jax import tokenizers
+
+  config, out = flags.config, flags.workdir
+  if config is None or "tokenizer" not in config or "convert" not in config:
+    raise ValueError("`convert` needs --config=configs/kl_vae.py:<variant> or configs/vq_pyramid.py:<variant> "
+                     "(a config with `tokenizer` and `convert` blocks).")
+  if not out:
+    raise ValueError("`convert` needs --workdir=DIR: the tokenizer directory to write.")
+  src = config.convert.src
+  if not src:
+    raise ValueError("config.convert.src is empty; pass --config.convert.src=/path/to/kl16.ckpt (or "
+                     "vae_ch160v4096z32.pth, or random:<seed>).")
+  kind, tcfg = tokenizers.from_config(config.tokenizer)
+  if src.startswith("random:"):
+    random_tokenizer(out, kind, tcfg, seed=int(src.split(":", 1)[1]))
+    print(f"wrote random-weight {kind} to {out}")
+  else:
+    _, report = convert_checkpoint(src, out, kind=kind, config=tcfg, strict=bool(config.convert.strict))
+    print(report.summary())
+  meta = read_metadata(out)
+  print(f"wrote {out} ({meta['num_params']:,} parameters, fingerprint {meta['fingerprint'][:12]}); use it with "
+        f"--config.tokenizer.checkpoint={os.path.abspath(out)}")
   return 0

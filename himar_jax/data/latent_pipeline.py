@@ -1,0 +1,120 @@
+"""grain pipeline over a latent cache (himar_jax/data/latent_cache.py): per example a random flip, a fresh
+posterior sample x scale factor (KL VAE) or the token indices (VQ pyramid), and the label.
+
+Batches (this process's rows of the global batch, numpy):
+  KL VAE      latent (B, S/16, S/16, z), latent_small (B, s/16, s/16, z) float32, label int32, index int64
+  VQ pyramid  indices (B, L) int32, label, index
+The image and its pivot always come from the same flip. Shuffling, per-host sharding, batching and the
+checkpointable iterator state are those of `himar_jax.data.pipeline.make_iterator`.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from himar_jax.data import latent_cache as lc
+from himar_jax.data.pipeline import make_iterator
+
+LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # DiagonalGaussian's clamp (himar_jax/tokenizers/kl_vae.py)
+
+
+class LatentCacheSource:
+  """Random access over a finished latent cache; records decoded into dicts of arrays.
+
+  tokenizer_dir: when given, the cache must have been made by that converted / trained tokenizer (same weight
+  fingerprint). Every shard is checked to exist, be non-empty and hold the record count its marker promises.
+  """
+
+  def __init__(self, directory: str, *, tokenizer_dir: str | None = None):
+    import grain
+
+    self.directory = directory
+    self.metadata = lc.read_metadata(directory)
+    if tokenizer_dir:
+      lc.check_same_tokenizer(self.metadata, lc.tokenizer_identity(tokenizer_dir), directory)
+    self.fields = lc.fields_from_metadata(self.metadata)
+    n = self.metadata["num_shards"]
+    ranges = lc.shard_ranges(self.metadata["count"], self.metadata["shard_size"])
+    paths = []
+    for k, (start, end) in enumerate(ranges):
+      problem = lc.verify_shard(directory, k, n, end - start, checksum=False)
+      if problem is not None:
+        raise lc.CacheError(f"latent cache shard {k}: {problem}; rerun `cache-latents` with the same config to "
+                            "rewrite it.")
+      paths.append(os.path.join(directory, lc.shard_name(k, n)))
+    self._records = grain.sources.ArrayRecordDataSource(paths)
+    if len(self._records) != self.metadata["count"]:
+      raise lc.CacheError(f"latent cache {directory!r} holds {len(self._records)} records, metadata.json says "
+                          f"{self.metadata['count']}.")
+
+  @property
+  def kind(self) -> str:
+    return self.metadata["tokenizer"]["kind"]
+
+  @property
+  def scale_factor(self) -> float:
+    return float(self.metadata["scale_factor"])
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, index: int) -> dict:
+    return lc.decode_record(self._records[index], self.fields)
+
+
+def sample_posterior(moments: np.ndarray, noise: np.ndarray) -> np.ndarray:
+  """mean + exp(logvar / 2) * noise for moments (..., 2z) = [mean | logvar], logvar clamped like the VAE."""
+  mean, logvar = np.split(moments.astype(np.float32), 2, axis=-1)
+  return mean + np.exp(0.5 * np.clip(logvar, LOGVAR_MIN, LOGVAR_MAX)) * noise
+
+
+def kl_transform(scale_factor: float, random_flip: bool = True):
+  """record, rng -> {latent, latent_small, label, index}: flip with probability 1/2 (both resolutions alike),
+  then a posterior sample of each, times the scale factor."""
+
+  def transform(record: dict, rng: np.random.Generator) -> dict:
+    flip = random_flip and rng.random() < 0.5
+    suffix = "_flip" if flip else ""
+    big, small = record["moments" + suffix], record["small_moments" + suffix]
+    noise_big = rng.standard_normal(big.shape[:-1] + (big.shape[-1] // 2,), dtype=np.float32)
+    noise_small = rng.standard_normal(small.shape[:-1] + (small.shape[-1] // 2,), dtype=np.float32)
+    return {"latent": sample_posterior(big, noise_big) * np.float32(scale_factor),
+            "latent_small": sample_posterior(small, noise_small) * np.float32(scale_factor),
+            "label": np.int32(record["label"]), "index": np.int64(record["index"])}
+
+  return transform
+
+
+def vq_transform(random_flip: bool = True):
+  """record, rng -> {indices (L,) int32, label, index}, the flipped image's tokens with probability 1/2."""
+
+  def transform(record: dict, rng: np.random.Generator) -> dict:
+    flip = random_flip and rng.random() < 0.5
+    return {"indices": record["indices_flip" if flip else "indices"].astype(np.int32),
+            "label": np.int32(record["label"]), "index": np.int64(record["index"])}
+
+  return transform
+
+
+def make_latent_iterator(cache_dir: str, *, global_batch_size: int, seed: int, random_flip: bool = True,
+                         tokenizer_dir: str | None = None, num_workers: int = 0, process_index: int | None = None,
+                         process_count: int | None = None):
+  """An endless, checkpointable iterator of this process's share of each global batch from a latent cache."""
+  source = LatentCacheSource(cache_dir, tokenizer_dir=tokenizer_dir)
+  if source.kind == "kl_vae":
+    transform = kl_transform(source.scale_factor, random_flip)
+  else:
+    transform = vq_transform(random_flip)
+  return make_iterator(source, global_batch_size=global_batch_size, seed=seed, transform=transform,
+                       process_index=process_index, process_count=process_count, num_workers=num_workers)
+
+
+def make_train_iterator(config):
+  """The latent iterator a training config names: config.data.latent_cache (+ config.tokenizer.checkpoint to
+  check that the cache belongs to that tokenizer)."""
+  tok = config.get("tokenizer", None)
+  return make_latent_iterator(config.data.latent_cache, global_batch_size=config.data.global_batch_size,
+                              seed=config.data.shuffle_seed, random_flip=config.data.random_flip,
+                              tokenizer_dir=(tok.get("checkpoint", "") or None) if tok is not None else None,
+                              num_workers=config.data.num_workers)
