@@ -19,15 +19,15 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   m.channels = 1
   m.patch_size = 4
   m.buffer_size = 8
-  m.encoder_dim, m.encoder_depth, m.encoder_heads = 128, 3, 4
-  m.decoder_dim, m.decoder_depth, m.decoder_heads = 128, 3, 4
-  m.head_width, m.head_depth = 256, 3
+  m.encoder_dim, m.encoder_depth, m.encoder_heads = 96, 2, 4
+  m.decoder_dim, m.decoder_depth, m.decoder_heads = 96, 2, 4
+  m.head_width, m.head_depth = 192, 2
   m.mlp_ratio = 4.0
   m.dropout = 0.0
   m.label_drop_prob = 0.1
   m.mask_ratio_min = 0.7
   m.diffusion_batch_mul = 1
-  m.num_sampling_steps = "50"
+  m.num_sampling_steps = "250"  # 50 respaced steps leave this small pixel model's samples saturated
   m.dtype = "float32"            # CPU: bfloat16 matmuls are emulated and slower
   # Sampling
   m.num_iter = 16
@@ -40,9 +40,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.optim.warmup_steps = 100
   c.optim.weight_decay = 0.0
   c.optim.ema_decay = 0.995
-  c.train.num_steps = 1500
+  c.train.num_steps = 1200
   c.train.log_every = 50
-  c.train.checkpoint_every = 500
+  c.train.checkpoint_every = 400
   c.sample.per_class = 8
 
   if variant == "tiny":
