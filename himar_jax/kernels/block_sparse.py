@@ -40,6 +40,7 @@ class KernelConfig:
   num_warps: int
   num_stages: int
   interpret: Any
+  poison: bool
 
 
 def _default_blocks(backend: str, head_dim: int) -> tuple[int, int, int]:
@@ -71,8 +72,13 @@ def _log_once(reason: str) -> None:
 def block_sparse_attention(q, k, v, layout: ScaleLayout, *, scale: float | None = None,
                            implementation: str | None = None, block_q: int | None = None,
                            block_k: int | None = None, block_bwd: int | None = None, num_warps: int | None = None,
-                           num_stages: int = 3, interpret: Any = False):
-  """Attention of (B, L, H, D) q, k, v under a scale layout; returns (B, L, H, D) in q's dtype."""
+                           num_stages: int = 3, interpret: Any = False, poison_outputs: bool = False):
+  """Attention of (B, L, H, D) q, k, v under a scale layout; returns (B, L, H, D) in q's dtype.
+
+  block_q/block_k: forward tile sizes; block_bwd: the backward's (query and key) tile size; num_warps/num_stages:
+  Triton launch settings (GPU). poison_outputs (tests, GPU kernels): outputs start NaN-filled so that a row the
+  kernel never writes shows up; on TPU use pltpu.InterpretParams(uninitialized_memory='nan') instead.
+  """
   if not isinstance(layout, ScaleLayout):
     raise TypeError(f"layout must be a ScaleLayout (got {type(layout).__name__}); build one with "
                     "ScaleLayout.from_patch_nums(patch_nums, pattern).")
@@ -96,7 +102,7 @@ def block_sparse_attention(q, k, v, layout: ScaleLayout, *, scale: float | None 
 
   d_q, d_k, d_bwd = _default_blocks(implementation, q.shape[-1])
   cfg = KernelConfig(implementation, scale, block_q or d_q, block_k or d_k, block_bwd or d_bwd,
-                     num_warps or (4 if q.shape[-1] <= 64 else 8), num_stages, interpret)
+                     num_warps or (4 if q.shape[-1] <= 64 else 8), num_stages, interpret, poison_outputs)
   return _attend(q, k, v, cfg, layout)
 
 
@@ -120,7 +126,7 @@ def _forward(q, k, v, cfg: KernelConfig, layout: ScaleLayout):
   plan, _ = _plans(cfg, layout)
   if cfg.backend == "pallas_gpu":
     return pallas_gpu.forward(q, k, v, plan, scale=cfg.scale, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                              interpret=bool(cfg.interpret))
+                              interpret=bool(cfg.interpret), poison=cfg.poison)
   out, lse = pallas_tpu.forward(*(_to_tpu(x, plan.l_pad) for x in (q, k, v)), plan, scale=cfg.scale,
                                 interpret=cfg.interpret)
   return _from_tpu(out, q.shape[1]), lse
@@ -141,7 +147,8 @@ def _attend_bwd(cfg, layout, residuals, d_out):
   _, plan = _plans(cfg, layout)
   if cfg.backend == "pallas_gpu":
     return tuple(pallas_gpu.backward(q, k, v, out, lse, d_out, plan, scale=cfg.scale, num_warps=cfg.num_warps,
-                                     num_stages=cfg.num_stages, interpret=bool(cfg.interpret)))
+                                     num_stages=cfg.num_stages, interpret=bool(cfg.interpret),
+                                     poison=cfg.poison))
   grads = pallas_tpu.backward(*(_to_tpu(x, plan.l_pad) for x in (q, k, v, out)), lse, _to_tpu(d_out, plan.l_pad),
                               plan, scale=cfg.scale, interpret=cfg.interpret)
   return tuple(_from_tpu(g, q.shape[1]) for g in grads)

@@ -21,25 +21,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
+from himar_jax.kernels.common import MASK_VALUE, NT, TN, dot, out_struct, row_mask
 from himar_jax.kernels.layout import TilePlan
 
-# Finite "minus infinity": exp2(MASK - anything finite) underflows to 0, and MASK - MASK stays finite (no NaN).
-MASK_VALUE = -1e30
 LOG2E = math.log2(math.e)
-
-
-_NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_TN = (((0,), (0,)), ((), ()))  # a.T @ b
-_NN = (((1,), (0,)), ((), ()))  # a @ b
-
-
-def _dot(a, b, dims=_NN):
-  return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
-
-
-def _row_mask(rows_start, rows_end, col0, block_k):
-  cols = col0 + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
-  return (cols >= rows_start[:, None]) & (cols < rows_end[:, None])
 
 
 def _load_rows(ref, start, block, length, masked):
@@ -74,14 +59,14 @@ def _fwd_kernel(q_ref, k_ref, v_ref, rs_ref, re_ref, lo_ref, flo_ref, fhi_ref, h
       col0 = j * block_k
       k = _load_rows(k_ref, col0, block_k, length, masked)
       v = _load_rows(v_ref, col0, block_k, length, masked)
-      s = _dot(q, k, _NT) * qk_scale
+      s = dot(q, k, NT) * qk_scale
       if masked:
-        s = jnp.where(_row_mask(rows_start, rows_end, col0, block_k), s, MASK_VALUE)
+        s = jnp.where(row_mask(rows_start[:, None], rows_end[:, None], col0, block_k), s, MASK_VALUE)
       m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
       alpha = jnp.exp2(m_prev - m_new)
       p = jnp.exp2(s - m_new[:, None])
       l_new = alpha * l_prev + jnp.sum(p, axis=1)
-      acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+      acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v)
       return acc, m_new, l_new
     return step
 
@@ -116,14 +101,14 @@ def _bwd_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rs_ref, re_ref,
       rows = pl.ds(row0, block)
       q = _load_rows(q_ref, row0, block, length, masked)
       do = _load_rows(do_ref, row0, block, length, masked)
-      s = _dot(q, k, _NT) * qk_scale
+      s = dot(q, k, NT) * qk_scale
       if masked:
-        s = jnp.where(_row_mask(rs_ref[rows], re_ref[rows], tile0, block), s, MASK_VALUE)
+        s = jnp.where(row_mask(rs_ref[rows][:, None], re_ref[rows][:, None], tile0, block), s, MASK_VALUE)
       p = jnp.exp2(s - lse_ref[rows][:, None])
-      dv = dv + _dot(p.astype(do.dtype), do, _TN)
-      dp = _dot(do, v, _NT)
+      dv = dv + dot(p.astype(do.dtype), do, TN)
+      dp = dot(do, v, NT)
       ds = p * (dp - delta_ref[rows][:, None])
-      dk = dk + _dot(ds.astype(q.dtype), q, _TN)
+      dk = dk + dot(ds.astype(q.dtype), q, TN)
       return dk, dv
     return step
 
@@ -147,13 +132,13 @@ def _bwd_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rs_ref, re_ref,
       col0 = j * block
       k = _load_rows(k_ref, col0, block, length, masked)
       v = _load_rows(v_ref, col0, block, length, masked)
-      s = _dot(q, k, _NT) * qk_scale
+      s = dot(q, k, NT) * qk_scale
       if masked:
-        s = jnp.where(_row_mask(rows_start, rows_end, col0, block), s, MASK_VALUE)
+        s = jnp.where(row_mask(rows_start[:, None], rows_end[:, None], col0, block), s, MASK_VALUE)
       p = jnp.exp2(s - lse[:, None])
-      dp = _dot(do, v, _NT)
+      dp = dot(do, v, NT)
       ds = p * (dp - delta[:, None])
-      return dq + _dot(ds.astype(k.dtype), k)
+      return dq + dot(ds.astype(k.dtype), k)
     return step
 
   lo, hi = _tile_range(kv_lo_ref, kv_hi_ref, tile)
@@ -177,8 +162,27 @@ def _vec_spec(n):
   return pl.BlockSpec((n,), lambda t, b, h: (0,))
 
 
+def _call(kernel, inputs, out_shape, *, in_specs, out_specs, grid, num_warps, num_stages, interpret, poison, name):
+  """pallas_call; with poison=True the outputs start NaN-filled (aliased inputs), so unwritten rows show up."""
+  if poison:
+    n_in, n_out = len(inputs), len(out_shape)
+    inputs = [*inputs, *(jnp.full(o.shape, jnp.nan, o.dtype) for o in out_shape)]
+    in_specs = [*in_specs, *out_specs]
+    aliases = {n_in + i: i for i in range(n_out)}
+    real_kernel = kernel
+    kernel = lambda *refs: real_kernel(*refs[:n_in], *refs[n_in + n_out:])
+  else:
+    aliases = {}
+  return pl.pallas_call(
+      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      input_output_aliases=aliases,
+      compiler_params=pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret, name=name,
+  )(*inputs)
+
+
 def forward(q, k, v, plan: TilePlan, *, scale: float, num_warps: int = 4, num_stages: int = 3,
-            interpret: bool = False):
+            interpret: bool = False, poison: bool = False):
   """q, k, v (B, L, H, D), unpadded. Returns out (B, L, H, D) and lse (B, H, L_pad) float32 (base-2 units)."""
   batch, length, heads, head_dim = q.shape
   l_pad, bq, bk = plan.l_pad, plan.block_q, plan.block_k
@@ -186,21 +190,17 @@ def forward(q, k, v, plan: TilePlan, *, scale: float, num_warps: int = 4, num_st
   kernel = functools.partial(_fwd_kernel, qk_scale=scale * LOG2E, block_q=bq, block_k=bk, length=length)
   rows = [jnp.asarray(plan.row_start), jnp.asarray(plan.row_end)]
   ranges = [_per_row(x, bq) for x in (plan.kv_lo, plan.kv_full_lo, plan.kv_full_hi, plan.kv_hi)]
-  return pl.pallas_call(
-      kernel,
-      grid=(l_pad // bq, batch, heads),
+  return _call(
+      kernel, [q, k, v, *rows, *ranges],
+      [out_struct(q.shape, q.dtype, q), out_struct((batch, heads, l_pad), jnp.float32, q)],
       in_specs=[spec] * 3 + [_vec_spec(l_pad)] * 6,
       out_specs=[spec, pl.BlockSpec((None, None, l_pad), lambda t, b, h: (b, h, 0))],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((batch, heads, l_pad), jnp.float32)],
-      compiler_params=pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=interpret,
-      name="block_sparse_attention_fwd",
-  )(q, k, v, *rows, *ranges)
+      grid=(l_pad // bq, batch, heads), num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+      poison=poison, name="block_sparse_attention_fwd")
 
 
 def backward(q, k, v, out, lse, do, plan: TilePlan, *, scale: float, num_warps: int = 4, num_stages: int = 3,
-             interpret: bool = False):
+             interpret: bool = False, poison: bool = False):
   """Returns (dq, dk, dv), each (B, L, H, D). The plan must use one tile size for queries and keys."""
   batch, length, heads, head_dim = q.shape
   if plan.block_q != plan.block_k:
@@ -215,13 +215,9 @@ def backward(q, k, v, out, lse, do, plan: TilePlan, *, scale: float, num_warps: 
   rows = [jnp.asarray(plan.row_start), jnp.asarray(plan.row_end)]
   ranges = [_per_row(x, block) for x in (plan.kv_lo, plan.kv_full_lo, plan.kv_full_hi, plan.kv_hi, plan.q_lo,
                                          plan.q_full_lo, plan.q_full_hi, plan.q_hi)]
-  return pl.pallas_call(
-      kernel,
-      grid=(l_pad // block, batch, heads),
-      in_specs=[spec] * 4 + [stat_spec] * 2 + [_vec_spec(l_pad)] * 10,
-      out_specs=[spec] * 3,
-      out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)],
-      compiler_params=pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=interpret,
-      name="block_sparse_attention_bwd",
-  )(q, k, v, do, lse, delta, *rows, *ranges)
+  return _call(
+      kernel, [q, k, v, do, lse, delta, *rows, *ranges],
+      [out_struct(x.shape, x.dtype, x) for x in (q, k, v)],
+      in_specs=[spec] * 4 + [stat_spec] * 2 + [_vec_spec(l_pad)] * 10, out_specs=[spec] * 3,
+      grid=(l_pad // block, batch, heads), num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+      poison=poison, name="block_sparse_attention_bwd")

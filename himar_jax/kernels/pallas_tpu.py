@@ -10,27 +10,13 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from himar_jax.kernels.common import MASK_VALUE, NT, TN, dot, out_struct, row_mask
 from himar_jax.kernels.layout import TilePlan
-
-MASK_VALUE = -1e30
-_NT = (((1,), (1,)), ((), ()))  # contract the last dims: a @ b.T
-_TN = (((0,), (0,)), ((), ()))  # contract the first dims: a.T @ b
-
-
-def _dot(a, b, dims=(((1,), (0,)), ((), ()))):
-  return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
-
-
-def _mask(rows_start, rows_end, col0, block_k):
-  cols = col0 + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
-  return (cols >= rows_start) & (cols < rows_end)
 
 
 def _fwd_kernel(lo_ref, n_ref, q_ref, k_ref, v_ref, rs_ref, re_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, scale,
@@ -46,14 +32,14 @@ def _fwd_kernel(lo_ref, n_ref, q_ref, k_ref, v_ref, rs_ref, re_ref, o_ref, lse_r
   @pl.when(j < n_ref[i])
   def _step():
     col0 = (lo_ref[i] + j) * block_k
-    s = _dot(q_ref[...], k_ref[...], _NT) * scale
-    s = jnp.where(_mask(rs_ref[...], re_ref[...], col0, block_k), s, MASK_VALUE)
+    s = dot(q_ref[...], k_ref[...], NT) * scale
+    s = jnp.where(row_mask(rs_ref[...], re_ref[...], col0, block_k), s, MASK_VALUE)
     m_prev = m_sc[...]
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
     alpha = jnp.exp(m_prev - m_new)
     p = jnp.exp(s - m_new)
     l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
-    acc_sc[...] = alpha * acc_sc[...] + _dot(p.astype(v_ref.dtype), v_ref[...])
+    acc_sc[...] = alpha * acc_sc[...] + dot(p.astype(v_ref.dtype), v_ref[...])
     m_sc[...] = m_new
 
   @pl.when(j == pl.num_programs(3) - 1)
@@ -74,12 +60,12 @@ def _dq_kernel(lo_ref, n_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, r
   def _step():
     col0 = (lo_ref[i] + j) * block_k
     k = k_ref[...]
-    s = _dot(q_ref[...], k, _NT) * scale
-    s = jnp.where(_mask(rs_ref[...], re_ref[...], col0, block_k), s, MASK_VALUE)
+    s = dot(q_ref[...], k, NT) * scale
+    s = jnp.where(row_mask(rs_ref[...], re_ref[...], col0, block_k), s, MASK_VALUE)
     p = jnp.exp(s - lse_ref[...])
-    dp = _dot(do_ref[...], v_ref[...], _NT)
+    dp = dot(do_ref[...], v_ref[...], NT)
     ds = p * (dp - delta_ref[...])
-    dq_sc[...] += _dot(ds.astype(k.dtype), k)
+    dq_sc[...] += dot(ds.astype(k.dtype), k)
 
   @pl.when(j == pl.num_programs(3) - 1)
   def _finish():
@@ -98,13 +84,13 @@ def _dkdv_kernel(lo_ref, n_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
   @pl.when(j < n_ref[t])
   def _step():
     q, do = q_ref[...], do_ref[...]
-    s = _dot(q, k_ref[...], _NT) * scale
-    s = jnp.where(_mask(rs_ref[...], re_ref[...], t * block_k, block_k), s, MASK_VALUE)
+    s = dot(q, k_ref[...], NT) * scale
+    s = jnp.where(row_mask(rs_ref[...], re_ref[...], t * block_k, block_k), s, MASK_VALUE)
     p = jnp.exp(s - lse_ref[...])
-    dv_sc[...] += _dot(p.astype(do.dtype), do, _TN)
-    dp = _dot(do, v_ref[...], _NT)
+    dv_sc[...] += dot(p.astype(do.dtype), do, TN)
+    dp = dot(do, v_ref[...], NT)
     ds = p * (dp - delta_ref[...])
-    dk_sc[...] += _dot(ds.astype(q.dtype), q, _TN)
+    dk_sc[...] += dot(ds.astype(q.dtype), q, TN)
 
   @pl.when(j == pl.num_programs(3) - 1)
   def _finish():
@@ -142,8 +128,7 @@ def forward(q, k, v, plan: TilePlan, *, scale: float, interpret=False):
                       pltpu.VMEM((bq, head_dim), jnp.float32)])
   return pl.pallas_call(
       functools.partial(_fwd_kernel, scale=scale, block_k=bk), grid_spec=grid_spec,
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((batch, heads, l_pad, 1), jnp.float32)],
+      out_shape=[out_struct(q.shape, q.dtype, q), out_struct((batch, heads, l_pad, 1), jnp.float32, q)],
       compiler_params=_params(), interpret=interpret, name="block_sparse_attention_fwd_tpu",
   )(lo, n, q, k, v, *_rows(plan))
 
@@ -168,7 +153,7 @@ def backward(q, k, v, out, lse, do, plan: TilePlan, *, scale: float, interpret=F
           num_scalar_prefetch=2, grid=(batch, heads, l_pad // bq, steps),
           in_specs=[q_spec, kv_spec, kv_spec, q_spec, stat_spec, stat_spec, row_spec, row_spec],
           out_specs=q_spec, scratch_shapes=[pltpu.VMEM((bq, head_dim), jnp.float32)]),
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      out_shape=out_struct(q.shape, q.dtype, q),
       compiler_params=_params(), interpret=interpret, name="block_sparse_attention_dq_tpu",
   )(lo, n, q, k, v, do, lse, delta, *rows)
 
@@ -189,7 +174,7 @@ def backward(q, k, v, out, lse, do, plan: TilePlan, *, scale: float, interpret=F
           in_specs=[qt_spec, k_spec, k_spec, qt_spec, qstat_spec, qstat_spec, qrow_spec, qrow_spec],
           out_specs=[k_spec, k_spec],
           scratch_shapes=[pltpu.VMEM((bk, head_dim), jnp.float32), pltpu.VMEM((bk, head_dim), jnp.float32)]),
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      out_shape=[out_struct(k.shape, k.dtype, k), out_struct(v.shape, v.dtype, v)],
       compiler_params=_params(), interpret=interpret, name="block_sparse_attention_dkdv_tpu",
   )(lo, n, q, k, v, do, lse, delta, *rows)
   return dq, dk, dv

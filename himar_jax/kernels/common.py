@@ -1,0 +1,31 @@
+"""Pieces shared by the GPU and TPU block-sparse attention kernels."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# Finite "minus infinity" for masked logits: exp(MASK - finite) underflows to 0 and MASK - MASK stays finite.
+MASK_VALUE = -1e30
+NN = (((1,), (0,)), ((), ()))  # a @ b
+NT = (((1,), (1,)), ((), ()))  # a @ b.T
+TN = (((0,), (0,)), ((), ()))  # a.T @ b
+
+
+def dot(a, b, dims=NN):
+  """Matrix product with float32 accumulation."""
+  return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def row_mask(rows_start, rows_end, col0, block_k):
+  """(rows, block_k) mask of keys col0 + [0, block_k) inside each row's [start, end); starts/ends are (rows, 1)."""
+  cols = col0 + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+  return (cols >= rows_start) & (cols < rows_end)
+
+
+def out_struct(shape, dtype, like) -> jax.ShapeDtypeStruct:
+  """Output shape carrying `like`'s manual-axis (vma) type, which pallas_call needs inside shard_map."""
+  mat = getattr(jax.typeof(like), "mat", None)
+  if mat is None or getattr(mat, "empty", True):
+    return jax.ShapeDtypeStruct(shape, dtype)
+  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
