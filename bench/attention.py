@@ -103,6 +103,28 @@ def check(layout, batch, heads, head_dim, key, kernel_kwargs):
   return errs, finite
 
 
+def extra_checks(key):
+  """float32 inputs (tf32 dots on GPU) and jax.shard_map with check_vma over all local devices."""
+  layout = ScaleLayout.from_patch_nums(PATCH_NUMS_256, "block_diagonal")
+  shape = (2, layout.length, 4, 64)
+  q, k, v, do = (jax.random.normal(kk, shape, jnp.float32) for kk in jax.random.split(key, 4))
+  mask = jnp.asarray(layout.dense_mask())[None, None]
+  ref_out, ref_vjp = jax.vjp(lambda q, k, v: xla_attention(q, k, v, mask), q, k, v)
+  ref = (ref_out, *ref_vjp(do))
+  attend = lambda q, k, v: block_sparse_attention(q, k, v, layout, implementation="pallas_gpu")
+  out, vjp = jax.vjp(jax.jit(attend), q, k, v)
+  errs_f32 = [rel_err(a, b) for a, b in zip((out, *vjp(do)), ref)]
+  print(f"check float32 L680 block_diagonal: rel err out/dq/dk/dv {[f'{e:.2e}' for e in errs_f32]}", flush=True)
+  devices = jax.devices()
+  mesh = jax.sharding.Mesh(np.array(devices).reshape(1, len(devices)), ("data", "model"))
+  spec = jax.sharding.PartitionSpec("data", None, "model", None)
+  sharded = jax.jit(jax.shard_map(attend, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec))
+  out, vjp = jax.vjp(sharded, q, k, v)
+  errs_sm = [rel_err(a, b) for a, b in zip((out, *vjp(do)), ref)]
+  print(f"check shard_map (check_vma) {len(devices)} device(s): rel err {[f'{e:.2e}' for e in errs_sm]}", flush=True)
+  return {"float32_rel_err_out_dq_dk_dv": errs_f32, "shard_map_rel_err_out_dq_dk_dv": errs_sm}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="bench/results/attention_h100.json")
@@ -115,6 +137,7 @@ def main():
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--input-sets", type=int, default=3)
   parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=True)
+  parser.add_argument("--extra-checks", action=argparse.BooleanOptionalAction, default=False)
   parser.add_argument("--block-q", type=int, default=None)
   parser.add_argument("--block-k", type=int, default=None)
   parser.add_argument("--block-bwd", type=int, default=None)
@@ -125,6 +148,14 @@ def main():
                        block_bwd=args.block_bwd, num_warps=args.num_warps, num_stages=args.num_stages)
   key = jax.random.key(int(time.time_ns() % (2**31)))
   rows, checks = [], []
+  extra = {}
+  if args.extra_checks:
+    key, sub = jax.random.split(key)
+    try:
+      extra = extra_checks(sub)
+    except Exception as e:  # reported, and the benchmark goes on
+      extra = {"error": f"{type(e).__name__}: {str(e)[:2000]}"}
+      print("extra checks failed:", extra["error"], flush=True)
   for size in args.sizes.split(","):
     batch, patch_nums = SIZES[size]
     for pattern in args.patterns.split(","):
@@ -169,7 +200,7 @@ def main():
   result = {
       "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
       "device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "python": platform.python_version(),
-      "dtype": "bfloat16", "checks": checks, "rows": rows, "triton_targets_ms": {f"{a}/{b}": t for (a, b), t in
+      "dtype": "bfloat16", "checks": checks, "extra_checks": extra, "rows": rows, "triton_targets_ms": {f"{a}/{b}": t for (a, b), t in
                                                                                  TRITON_MS.items()},
       "torch_flash_unmasked_fwd_bwd_ms": TORCH_FLASH_FWDBWD_MS}
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

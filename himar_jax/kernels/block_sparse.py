@@ -43,10 +43,14 @@ class KernelConfig:
   poison: bool
 
 
-def _default_blocks(backend: str, head_dim: int) -> tuple[int, int, int]:
+def _default_blocks(backend: str, head_dim: int, length: int) -> tuple[int, int, int]:
+  """(block_q, block_k, block_bwd). GPU values from bench/attention_notes.md (H100, head_dim 64)."""
   if backend == "pallas_tpu":
     return 128, 128, 128
-  return (64, 64, 64) if head_dim <= 64 else (64, 32, 32)
+  if head_dim > 64:
+    return 64, 32, 32
+  # Short layouts (L = 680) have small scales: narrower key tiles skip more of the empty area.
+  return (64, 32, 64) if length <= 1024 else (64, 64, 64)
 
 
 def _unsupported_reason(q, k, v, backend: str, interpret) -> str | None:
@@ -100,7 +104,7 @@ def block_sparse_attention(q, k, v, layout: ScaleLayout, *, scale: float | None 
     _log_once(reason)
     return reference_attention(q, k, v, layout, scale=scale)
 
-  d_q, d_k, d_bwd = _default_blocks(implementation, q.shape[-1])
+  d_q, d_k, d_bwd = _default_blocks(implementation, q.shape[-1], layout.length)
   cfg = KernelConfig(implementation, scale, block_q or d_q, block_k or d_k, block_bwd or d_bwd,
                      num_warps or (4 if q.shape[-1] <= 64 else 8), num_stages, interpret, poison_outputs)
   return _attend(q, k, v, cfg, layout)
