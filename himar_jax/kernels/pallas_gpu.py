@@ -27,6 +27,22 @@ from himar_jax.kernels.layout import TilePlan
 LOG2E = math.log2(math.e)
 
 
+def _exp2(x, fast: bool, interpret: bool):
+  """exp2 of float32 x as (float32, bfloat16). fast: bf16 in and out through ex2.approx.ftz.bf16x2 (sm_90), two
+  values per MUFU op (the softmax exponentials bound a head_dim-64 kernel); interpret mode emulates it."""
+  if not fast:
+    p = jnp.exp2(x)
+    return p, p.astype(jnp.bfloat16)
+  x = x.astype(jnp.bfloat16)
+  if interpret:
+    p = jnp.exp2(x.astype(jnp.float32)).astype(jnp.bfloat16)
+  else:
+    [p] = pl_triton.elementwise_inline_asm(
+        "ex2.approx.ftz.bf16x2 $0, $1;", args=[x], constraints="=r,r", pack=2,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.bfloat16)])
+  return p.astype(jnp.float32), p
+
+
 def _load_rows(ref, start, block, length, masked):
   """Rows [start, start + block) of a (length, D) ref; rows past `length` read as zeros when masked."""
   if not masked:
@@ -45,7 +61,7 @@ def _tile_range(lo_ref, hi_ref, rows):
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, rs_ref, re_ref, lo_ref, flo_ref, fhi_ref, hi_ref, o_ref, lse_ref, *,
-                qk_scale, block_q, block_k, length):
+                qk_scale, block_q, block_k, length, fast_exp, interpret):
   i = pl.num_programs(0) - 1 - pl.program_id(0)
   row0 = i * block_q
   rows = pl.ds(row0, block_q)
@@ -64,9 +80,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, rs_ref, re_ref, lo_ref, flo_ref, fhi_ref, h
         s = jnp.where(row_mask(rows_start[:, None], rows_end[:, None], col0, block_k), s, MASK_VALUE)
       m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
       alpha = jnp.exp2(m_prev - m_new)
-      p = jnp.exp2(s - m_new[:, None])
+      p, p_low = _exp2(s - m_new[:, None], fast_exp, interpret)
       l_new = alpha * l_prev + jnp.sum(p, axis=1)
-      acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v)
+      acc = acc * alpha[:, None] + dot(p_low if fast_exp else p.astype(v.dtype), v)
       return acc, m_new, l_new
     return step
 
@@ -83,7 +99,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, rs_ref, re_ref, lo_ref, flo_ref, fhi_ref, h
 
 def _bwd_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rs_ref, re_ref, kv_lo_ref, kv_flo_ref, kv_fhi_ref,
                 kv_hi_ref, q_lo_ref, q_flo_ref, q_fhi_ref, q_hi_ref, dq_ref, dk_ref, dv_ref, *, qk_scale, scale,
-                block, length):
+                block, length, fast_exp, interpret):
   """Program t: dk, dv of key tile t (loop over its query tiles), then dq of query tile t (loop over its keys)."""
   t = pl.num_programs(0) - 1 - pl.program_id(0)
   tile0 = t * block
@@ -104,8 +120,8 @@ def _bwd_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rs_ref, re_ref,
       s = dot(q, k, NT) * qk_scale
       if masked:
         s = jnp.where(row_mask(rs_ref[rows][:, None], re_ref[rows][:, None], tile0, block), s, MASK_VALUE)
-      p = jnp.exp2(s - lse_ref[rows][:, None])
-      dv = dv + dot(p.astype(do.dtype), do, TN)
+      p, p_low = _exp2(s - lse_ref[rows][:, None], fast_exp, interpret)
+      dv = dv + dot(p_low if fast_exp else p.astype(do.dtype), do, TN)
       dp = dot(do, v, NT)
       ds = p * (dp - delta_ref[rows][:, None])
       dk = dk + dot(ds.astype(q.dtype), q, TN)
@@ -135,7 +151,7 @@ def _bwd_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rs_ref, re_ref,
       s = dot(q, k, NT) * qk_scale
       if masked:
         s = jnp.where(row_mask(rows_start[:, None], rows_end[:, None], col0, block), s, MASK_VALUE)
-      p = jnp.exp2(s - lse[:, None])
+      p, _ = _exp2(s - lse[:, None], fast_exp, interpret)
       dp = dot(do, v, NT)
       ds = p * (dp - delta[:, None])
       return dq + dot(ds.astype(k.dtype), k)
@@ -182,12 +198,13 @@ def _call(kernel, inputs, out_shape, *, in_specs, out_specs, grid, num_warps, nu
 
 
 def forward(q, k, v, plan: TilePlan, *, scale: float, num_warps: int = 4, num_stages: int = 3,
-            interpret: bool = False, poison: bool = False):
+            interpret: bool = False, poison: bool = False, fast_exp: bool = False):
   """q, k, v (B, L, H, D), unpadded. Returns out (B, L, H, D) and lse (B, H, L_pad) float32 (base-2 units)."""
   batch, length, heads, head_dim = q.shape
   l_pad, bq, bk = plan.l_pad, plan.block_q, plan.block_k
   spec = _full_spec(length, head_dim)
-  kernel = functools.partial(_fwd_kernel, qk_scale=scale * LOG2E, block_q=bq, block_k=bk, length=length)
+  kernel = functools.partial(_fwd_kernel, qk_scale=scale * LOG2E, block_q=bq, block_k=bk, length=length,
+                             fast_exp=fast_exp, interpret=interpret)
   rows = [jnp.asarray(plan.row_start), jnp.asarray(plan.row_end)]
   ranges = [_per_row(x, bq) for x in (plan.kv_lo, plan.kv_full_lo, plan.kv_full_hi, plan.kv_hi)]
   return _call(
@@ -200,7 +217,7 @@ def forward(q, k, v, plan: TilePlan, *, scale: float, num_warps: int = 4, num_st
 
 
 def backward(q, k, v, out, lse, do, plan: TilePlan, *, scale: float, num_warps: int = 4, num_stages: int = 3,
-             interpret: bool = False, poison: bool = False):
+             interpret: bool = False, poison: bool = False, fast_exp: bool = False):
   """Returns (dq, dk, dv), each (B, L, H, D). The plan must use one tile size for queries and keys."""
   batch, length, heads, head_dim = q.shape
   if plan.block_q != plan.block_k:
@@ -211,7 +228,8 @@ def backward(q, k, v, out, lse, do, plan: TilePlan, *, scale: float, num_warps: 
   delta = jnp.pad(delta, [(0, 0), (0, 0), (0, l_pad - length)])
   spec = _full_spec(length, head_dim)
   stat_spec = pl.BlockSpec((None, None, l_pad), lambda t, b, h: (b, h, 0))
-  kernel = functools.partial(_bwd_kernel, qk_scale=scale * LOG2E, scale=scale, block=block, length=length)
+  kernel = functools.partial(_bwd_kernel, qk_scale=scale * LOG2E, scale=scale, block=block, length=length,
+                             fast_exp=fast_exp, interpret=interpret)
   rows = [jnp.asarray(plan.row_start), jnp.asarray(plan.row_end)]
   ranges = [_per_row(x, block) for x in (plan.kv_lo, plan.kv_full_lo, plan.kv_full_hi, plan.kv_hi, plan.q_lo,
                                          plan.q_full_lo, plan.q_full_hi, plan.q_hi)]
