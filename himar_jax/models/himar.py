@@ -1,7 +1,9 @@
-"""MAR (Li et al. 2024): masked autoregressive generation of continuous tokens with an MLP diffusion head.
+"""MAR (Li et al. 2024) and Hi-MAR (Zheng et al. 2025): masked autoregressive generation of continuous tokens.
 
-MAR is the one-phase special case of Hi-MAR; this module is the home of both (the two-phase Hi-MAR path with
-low-resolution pivots and the DiT head extends it by configuration). What the code follows (LTH14/mar
+One backbone class `MAR` serves both: MAR is its one-phase configuration (MLP diffusion head); `HiMAR` is the
+two-phase configuration (scale-aware blocks, low-resolution pivots with the MLP head, the dense map with the DiT
+head; see its docstring). Families: 'pixel_mar' (quickstart, pixel patches), 'mar' and 'himar' (KL-16 VAE
+latents). What the MAR part follows (LTH14/mar
 `models/mar.py`, where it and the paper differ, the code):
 - encoder: z_proj -> `buffer_size` copies of the class embedding prepended (the learned `fake_latent` replaces it
   with probability `label_drop_prob` per sample in training) -> learned position embedding -> LayerNorm ->
@@ -11,7 +13,8 @@ low-resolution pivots and the DiT head extends it by configuration). What the co
 - training: one random order per sample, one mask ratio per batch from truncnorm(loc 1, scale 0.25) on
   [mask_ratio_min, 1], ceil(N * ratio) tokens masked; diffusion loss on masked tokens, with z and targets repeated
   `diffusion_batch_mul` times;
-- sampling: `num_iter` steps of a cosine schedule over the random order, linear CFG ramp on eps.
+- sampling: `num_iter` steps of a cosine schedule over the random order, linear CFG ramp on eps (the ramp reads
+  the clamped mask length, 1 at the last step, as the official sampler).
 
 Static shapes: the encoder sees a fixed-capacity sequence (buffer + the most tokens that can be visible in
 training, N - ceil(N * mask_ratio_min)) gathered in ascending position order, with padding excluded as attention
@@ -29,7 +32,7 @@ from flax import nnx
 
 from himar_jax.diffusion.gaussian import create_diffusion
 from himar_jax.models import heads
-from himar_jax.nn.layers import dense, layer_norm, with_axes
+from himar_jax.nn.layers import dense, embed, layer_norm, with_axes
 from himar_jax.nn.transformer import Block
 
 _normal02 = nnx.initializers.normal(0.02)
@@ -93,10 +96,18 @@ def cosine_mask_lengths(num_tokens: int, num_iter: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The model
+# The backbone: MAR (one phase) and Hi-MAR (two phases) share it
 # ----------------------------------------------------------------------------------------------------------------
 
 class MAR(nnx.Module):
+  """MAR's encoder / decoder / MLP head; `num_phases=2` gives Hi-MAR's scale-aware backbone (see HiMAR).
+
+  With one phase: one (1, buffer + N, D) position embedding per stack, one shared mask token, plain blocks.
+  With two phases the sequence is `prefix_tokens` low-resolution tokens then N dense tokens (S = P + N); every
+  per-phase tensor is one parameter holding both halves, as the official ones: position embeddings
+  (1, 2 (buffer + S), D), mask tokens per position (1, 2 S, D); blocks are scale-aware and read a phase
+  embedding (Embed(2, D) -> SiLU -> Linear(D, 4D)) computed once per stack and forward.
+  """
 
   def __init__(self, *, num_tokens: int, token_dim: int, num_classes: int, buffer_size: int,
                encoder_dim: int, encoder_depth: int, encoder_heads: int,
@@ -104,14 +115,19 @@ class MAR(nnx.Module):
                head_width: int, head_depth: int, mlp_ratio: float = 4.0, dropout: float = 0.1,
                label_drop_prob: float = 0.1, mask_ratio_min: float = 0.7, diffusion_batch_mul: int = 4,
                num_sampling_steps: str = "100", noise_schedule: str = "cosine", dtype=jnp.bfloat16,
-               rngs: nnx.Rngs):
+               num_phases: int = 1, prefix_tokens: int = 0, rngs: nnx.Rngs):
+    if num_phases not in (1, 2):
+      raise ValueError(f"num_phases={num_phases} must be 1 (MAR) or 2 (Hi-MAR).")
     self.num_tokens, self.token_dim, self.num_classes = num_tokens, token_dim, num_classes
     self.buffer_size, self.label_drop_prob = buffer_size, label_drop_prob
     self.mask_ratio_min, self.diffusion_batch_mul = mask_ratio_min, diffusion_batch_mul
     self.num_sampling_steps, self.noise_schedule = num_sampling_steps, noise_schedule
-    # The most tokens visible in training; sampling uses the full length.
+    self.num_phases, self.prefix_tokens = num_phases, prefix_tokens
+    self.seq_len = prefix_tokens + num_tokens
+    # The most tokens visible in MAR training; sampling uses the full length.
     self.train_capacity = num_tokens - int(math.ceil(num_tokens * mask_ratio_min))
-    length = buffer_size + num_tokens
+    length = buffer_size + self.seq_len
+    block_phases = num_phases if num_phases > 1 else 0
 
     def param(shape, axes):
       return nnx.Param(with_axes(_normal02, axes)(rngs.params(), shape, jnp.float32))
@@ -121,17 +137,27 @@ class MAR(nnx.Module):
     self.fake_latent = param((1, encoder_dim), (None, "embed"))
     self.z_proj = dense(token_dim, encoder_dim, (None, "embed"), rngs=rngs, dtype=dtype)
     self.z_proj_ln = layer_norm(encoder_dim, rngs=rngs)
-    self.encoder_pos_embed = param((1, length, encoder_dim), (None, "length", "embed"))
+    self.encoder_pos_embed = param((1, num_phases * length, encoder_dim), (None, "length", "embed"))
     self.encoder_blocks = nnx.List([Block(encoder_dim, encoder_heads, mlp_ratio=mlp_ratio, dropout=dropout,
-                                          dtype=dtype, rngs=rngs) for _ in range(encoder_depth)])
+                                          num_phases=block_phases, dtype=dtype, rngs=rngs)
+                                    for _ in range(encoder_depth)])
     self.encoder_norm = layer_norm(encoder_dim, rngs=rngs)
     self.decoder_embed = dense(encoder_dim, decoder_dim, ("embed", "mlp"), rngs=rngs, dtype=dtype)
-    self.mask_token = param((1, 1, decoder_dim), (None, None, "embed"))
-    self.decoder_pos_embed = param((1, length, decoder_dim), (None, "length", "embed"))
+    mask_tokens = 1 if num_phases == 1 else num_phases * self.seq_len
+    self.mask_token = param((1, mask_tokens, decoder_dim), (None, "length" if mask_tokens > 1 else None, "embed"))
+    self.decoder_pos_embed = param((1, num_phases * length, decoder_dim), (None, "length", "embed"))
     self.decoder_blocks = nnx.List([Block(decoder_dim, decoder_heads, mlp_ratio=mlp_ratio, dropout=dropout,
-                                          dtype=dtype, rngs=rngs) for _ in range(decoder_depth)])
+                                          num_phases=block_phases, dtype=dtype, rngs=rngs)
+                                    for _ in range(decoder_depth)])
     self.decoder_norm = layer_norm(decoder_dim, rngs=rngs)
-    self.diffusion_pos_embed = param((1, num_tokens, decoder_dim), (None, "length", "embed"))
+    self.diffusion_pos_embed = param((1, self.seq_len, decoder_dim), (None, "length", "embed"))
+    if block_phases:
+      # nn.Embedding's default N(0, 1) init: the official init leaves the task embeddings alone.
+      normal1 = nnx.initializers.normal(1.0)
+      self.encoder_phase_embed = embed(num_phases, encoder_dim, rngs=rngs, axes=(None, "embed"), init=normal1)
+      self.encoder_phase_ada = dense(encoder_dim, 4 * encoder_dim, ("embed", "mlp"), rngs=rngs, dtype=dtype)
+      self.decoder_phase_embed = embed(num_phases, decoder_dim, rngs=rngs, axes=(None, "embed"), init=normal1)
+      self.decoder_phase_ada = dense(decoder_dim, 4 * decoder_dim, ("embed", "mlp"), rngs=rngs, dtype=dtype)
     self.diffusion_head = heads.MlpHead(token_dim, decoder_dim, head_width, head_depth, learn_sigma=True,
                                         dtype=dtype, rngs=rngs)
 
@@ -142,46 +168,81 @@ class MAR(nnx.Module):
       return emb
     return jnp.where(drop[:, None], self.fake_latent[...], emb)
 
-  def encode(self, tokens, mask, class_emb, capacity: int, rngs=None):
-    """tokens (B, N, C), mask (B, N) True = masked -> encoder output (B, buffer + capacity, D), gather idx, valid."""
-    b = tokens.shape[0]
-    x = self.z_proj(tokens).astype(jnp.float32)
-    buffer = jnp.broadcast_to(class_emb[:, None, :], (b, self.buffer_size, class_emb.shape[-1]))
-    x = jnp.concatenate([buffer, x], axis=1) + self.encoder_pos_embed[...]
-    x = self.z_proj_ln(x)
+  def _phase_half(self, table, phase: int, length: int):
+    """Phase `phase`'s half of a per-phase parameter (the whole parameter with one phase)."""
+    return table[...][:, phase * length:(phase + 1) * length]
+
+  def _phase_embedding(self, which: str, phase: int):
+    """(1, 4D) modulation input of the scale-aware blocks; None for plain blocks."""
+    if self.num_phases == 1:
+      return None
+    emb = getattr(self, f"{which}_phase_embed")(jnp.asarray([phase]))
+    return getattr(self, f"{which}_phase_ada")(nnx.silu(emb)).astype(jnp.float32)
+
+  def encode(self, x, mask, class_emb, capacity: int, *, phase: int = 0, rngs=None):
+    """Embedded tokens x (B, S, D), mask (B, S) True = masked -> (B, buffer + capacity, D), gather idx, valid.
+
+    Only visible tokens enter the blocks (MAE-style dropping): the `capacity` first positions in the order
+    visible-ascending then masked are gathered and the masked ones excluded as attention keys; their outputs are
+    never read. Position embedding and LayerNorm act per token, so they are applied after the gather.
+    """
+    b = x.shape[0]
+    nb = self.buffer_size
+    pos = self._phase_half(self.encoder_pos_embed, phase, nb + self.seq_len)
+    buffer = jnp.broadcast_to(class_emb[:, None, :], (b, nb, class_emb.shape[-1])) + pos[:, :nb]
     idx, valid = gather_visible(mask, capacity)
-    visible = jnp.take_along_axis(x[:, self.buffer_size:], idx[..., None], axis=1)
-    x = jnp.concatenate([x[:, :self.buffer_size], visible], axis=1)
-    key_mask = jnp.concatenate([jnp.ones((b, self.buffer_size), bool), valid], axis=1)
+    visible = jnp.take_along_axis(x.astype(jnp.float32), idx[..., None], axis=1) + pos[0, nb:][idx]
+    x = self.z_proj_ln(jnp.concatenate([buffer, visible], axis=1))
+    key_mask = jnp.concatenate([jnp.ones((b, nb), bool), valid], axis=1)
+    ada = self._phase_embedding("encoder", phase)
     for block in self.encoder_blocks:
-      x = block(x, key_mask=key_mask, rngs=rngs)
+      x = block(x, phase_embedding=ada, phase=phase, key_mask=key_mask, rngs=rngs)
     return self.encoder_norm(x), idx, valid
 
-  def decode(self, x, idx, valid, rngs=None):
-    """Scatters visible outputs back to their positions, fills the rest with the mask token -> z (B, N, Dd)."""
+  def decode(self, x, idx, valid, *, phase: int = 0, rngs=None):
+    """Scatters visible outputs back to their positions, fills the rest with mask tokens -> z (B, S, Dd)."""
     b = x.shape[0]
     x = self.decoder_embed(x).astype(jnp.float32)
-    n, nb = self.num_tokens, self.buffer_size
-    # Padding rows go to a scratch slot n that is dropped afterwards.
-    target = jnp.where(valid, idx, n)
-    full = jnp.broadcast_to(self.mask_token[...], (b, n + 1, x.shape[-1]))
-    full = full.at[jnp.arange(b)[:, None], target].set(x[:, nb:])[:, :n]
-    x = jnp.concatenate([x[:, :nb], full], axis=1) + self.decoder_pos_embed[...]
+    s, nb, d = self.seq_len, self.buffer_size, x.shape[-1]
+    if self.mask_token.shape[1] == 1:
+      fill = jnp.broadcast_to(self.mask_token[...], (b, s, d))
+    else:
+      fill = jnp.broadcast_to(self._phase_half(self.mask_token, phase, s), (b, s, d))
+    # Padding rows go to a scratch slot s that is dropped afterwards.
+    target = jnp.where(valid, idx, s)
+    full = jnp.concatenate([fill, jnp.zeros((b, 1, d), jnp.float32)], axis=1)
+    full = full.at[jnp.arange(b)[:, None], target].set(x[:, nb:])[:, :s]
+    x = jnp.concatenate([x[:, :nb], full], axis=1) + self._phase_half(self.decoder_pos_embed, phase, nb + s)
+    ada = self._phase_embedding("decoder", phase)
     for block in self.decoder_blocks:
-      x = block(x, rngs=rngs)
+      x = block(x, phase_embedding=ada, phase=phase, rngs=rngs)
     x = self.decoder_norm(x)[:, nb:]
     return x + self.diffusion_pos_embed[...]
 
   def forward_z(self, tokens, mask, class_emb, capacity: int, rngs=None):
-    x, idx, valid = self.encode(tokens, mask, class_emb, capacity, rngs)
-    return self.decode(x, idx, valid, rngs)
+    x, idx, valid = self.encode(self.z_proj(tokens), mask, class_emb, capacity, rngs=rngs)
+    return self.decode(x, idx, valid, rngs=rngs)
+
+  def mlp_loss(self, z, target, mask, t, noise):
+    """MAR's forward_loss: z (B, N, Dd), target (B, N, C), mask (B, N); rows repeated diffusion_batch_mul times
+    (t (mul B N,), noise (mul B N, C))."""
+    b, n, c = target.shape
+    mul = self.diffusion_batch_mul
+    z_rep = jnp.tile(z.reshape(b * n, -1), (mul, 1))
+    target = jnp.tile(target.reshape(b * n, c), (mul, 1))
+    loss_mask = jnp.tile(mask.reshape(b * n), (mul,)).astype(jnp.float32)
+    diffusion = create_diffusion("", noise_schedule=self.noise_schedule, learn_sigma=True)
+    return heads.mlp_head_loss(self.diffusion_head, diffusion, target, z_rep, loss_mask, t=t, noise=noise)
 
   # -- training --------------------------------------------------------------------------------------------------
   def train_loss(self, batch, *, key, step=None):
-    """Diffusion loss on masked tokens. `batch['tokens']` (B, N, C) float, `batch['label']` (B,) int."""
+    """Diffusion loss on masked tokens. batch: 'tokens' (B, N, C) or 'latent' (B, h, w, C); 'label' (B,) int."""
     del step  # MAR has no step-dependent schedule (Hi-MAR's null-pivot schedule uses it)
-    tokens, labels = batch["tokens"].astype(jnp.float32), batch["label"]
+    tokens = batch["tokens"] if "tokens" in batch else patchify(batch["latent"], 1)
+    tokens, labels = tokens.astype(jnp.float32), batch["label"]
     b, n, c = tokens.shape
+    if n != self.num_tokens or c != self.token_dim:
+      raise ValueError(f"MAR takes {self.num_tokens} tokens of {self.token_dim} channels; got {tokens.shape}.")
     k_order, k_ratio, k_drop, k_t, k_noise, k_dropout = jax.random.split(key, 6)
     orders = jax.vmap(lambda k: jax.random.permutation(k, n))(jax.random.split(k_order, b))
     num_masked = jnp.ceil(n * mask_ratio_sample(k_ratio, self.mask_ratio_min)).astype(jnp.int32)
@@ -189,26 +250,53 @@ class MAR(nnx.Module):
     drop = jax.random.uniform(k_drop, (b,)) < self.label_drop_prob
     rngs = nnx.Rngs(dropout=k_dropout)
     z = self.forward_z(tokens, mask, self.class_embedding(labels, drop), self.train_capacity, rngs)
-    mul = self.diffusion_batch_mul
-    z_rep = jnp.tile(z.reshape(b * n, -1), (mul, 1))
-    target = jnp.tile(tokens.reshape(b * n, c), (mul, 1))
-    loss_mask = jnp.tile(mask.reshape(b * n), (mul,)).astype(jnp.float32)
-    diffusion = create_diffusion("", noise_schedule=self.noise_schedule, learn_sigma=True)
-    t = jax.random.randint(k_t, (target.shape[0],), 0, diffusion.num_timesteps)
-    noise = jax.random.normal(k_noise, target.shape, jnp.float32)
-    loss = heads.mlp_head_loss(self.diffusion_head, diffusion, target, z_rep, loss_mask, t=t, noise=noise)
+    rows = self.diffusion_batch_mul * b * n
+    t = jax.random.randint(k_t, (rows,), 0, 1000)
+    noise = jax.random.normal(k_noise, (rows, c), jnp.float32)
+    loss = self.mlp_loss(z, tokens, mask, t, noise)
     return loss, {"mask_ratio": num_masked.astype(jnp.float32) / n}
 
   # -- sampling --------------------------------------------------------------------------------------------------
+  def _sample_positions(self, z, to_pred, *, capacity: int, cfg_scale, keys, step, diffusion, temperature,
+                        noise=None):
+    """One MLP-head sampling round at the positions to_pred (B, n) of z ((B or 2B), n, Dd): (B, capacity, C)
+    new tokens for the `capacity` first to_pred positions of each row (ascending), with their indices / validity.
+
+    cfg_scale None: no guidance; else z stacks [cond; uncond] rows. noise: optional injected (x_T (B, cap, C),
+    step noise (T, B, cap, C)); otherwise drawn per row from keys[b] and `step`.
+    """
+    b, n = to_pred.shape
+    c = self.token_dim
+    positions = jnp.arange(n)
+    pidx = jnp.argsort(jnp.where(to_pred, positions, n + positions), axis=-1)[:, :capacity]
+    pvalid = jnp.take_along_axis(to_pred, pidx, axis=-1)
+    gather = pidx if cfg_scale is None else jnp.concatenate([pidx, pidx])
+    zp = jnp.take_along_axis(z, gather[..., None], axis=1)
+    if noise is None:
+      row_keys = jax.vmap(lambda key: jax.random.fold_in(key, step))(keys)
+      x_init = jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, 0), (capacity, c)))(row_keys)
+      steps = jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, 1),
+                                                     (diffusion.num_timesteps, capacity, c)))(row_keys)
+      steps = steps.transpose(1, 0, 2, 3)
+    else:
+      x_init, steps = noise
+    new = heads.mlp_head_sample(self.diffusion_head, diffusion, zp.reshape(-1, zp.shape[-1]), cfg_scale=cfg_scale,
+                                temperature=temperature, noise=x_init.reshape(b * capacity, c),
+                                step_noise=steps.reshape(-1, b * capacity, c))
+    return new.reshape(b, capacity, c), pidx, pvalid
+
+  @staticmethod
+  def _scatter_rows(tokens, new, pidx, pvalid):
+    b, n, c = tokens.shape
+    target = jnp.where(pvalid, pidx, n)
+    padded = jnp.concatenate([tokens, jnp.zeros((b, 1, c), tokens.dtype)], axis=1)
+    return padded.at[jnp.arange(b)[:, None], target].set(new)[:, :n]
+
   def sample_tokens(self, labels, *, keys, num_iter: int, cfg: float = 1.0, cfg_schedule: str = "linear",
                     temperature: float = 1.0, num_sampling_steps: str | None = None):
     """MAR's iterative sampler. keys (B,) per-row keys: row b's order and noise depend only on keys[b]."""
     b, n, c = labels.shape[0], self.num_tokens, self.token_dim
-    if cfg_schedule not in ("linear", "constant"):
-      raise ValueError(f"cfg_schedule={cfg_schedule!r} must be 'linear' or 'constant'.")
-    lengths = cosine_mask_lengths(n, num_iter)
-    left = np.concatenate([[n], lengths[:-1]])
-    capacity = int(np.max(left - lengths))  # most tokens predicted in one step
+    sched = MaskSchedule(n, num_iter, cfg, cfg_schedule)
     diffusion = create_diffusion(num_sampling_steps or self.num_sampling_steps, noise_schedule=self.noise_schedule,
                                  learn_sigma=True)
     orders = jax.vmap(lambda k: jax.random.permutation(jax.random.fold_in(k, 0), n))(keys)
@@ -216,38 +304,289 @@ class MAR(nnx.Module):
     use_cfg = cfg != 1.0
     cond = self.class_embedding(labels)
     class_emb = jnp.concatenate([cond, jnp.broadcast_to(self.fake_latent[...], cond.shape)]) if use_cfg else cond
-    lengths_j, left_j = jnp.asarray(lengths), jnp.asarray(left)
 
     def body(k, tokens):
-      # As MAR's mask_by_order: the first `left` tokens of each row's order are masked before step k, the first
-      # `lengths[k]` after it; the ones in between are predicted now.
-      mask = ranks < left_j[k]
-      to_pred = mask & (ranks >= lengths_j[k])
+      mask, to_pred = sched.masks(ranks, k)
       in_tokens = jnp.concatenate([tokens, tokens]) if use_cfg else tokens
       in_mask = jnp.concatenate([mask, mask]) if use_cfg else mask
       z = self.forward_z(in_tokens, in_mask, class_emb, n)
-      # Fixed-capacity gather of the positions predicted this step (in order), so every step has one shape.
-      positions = jnp.arange(n)
-      pidx = jnp.argsort(jnp.where(to_pred, positions, n + positions), axis=-1)[:, :capacity]
-      pvalid = jnp.take_along_axis(to_pred, pidx, axis=-1)
-      gather = jnp.concatenate([pidx, pidx]) if use_cfg else pidx
-      zp = jnp.take_along_axis(z, gather[..., None], axis=1)
-      scale = (1.0 + (cfg - 1.0) * (n - lengths_j[k]) / n) if cfg_schedule == "linear" else jnp.float32(cfg)
-      # Per-row noise (x_T and every step's), from the row's key alone.
-      row_keys = jax.vmap(lambda key: jax.random.fold_in(key, k + 1))(keys)
-      x_init = jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, 0), (capacity, c)))(row_keys)
-      steps = jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, 1),
-                                                     (diffusion.num_timesteps, capacity, c)))(row_keys)
-      new = heads.mlp_head_sample(self.diffusion_head, diffusion, zp.reshape(-1, zp.shape[-1]),
-                                  cfg_scale=scale if use_cfg else None, temperature=temperature,
-                                  noise=x_init.reshape(b * capacity, c),
-                                  step_noise=steps.transpose(1, 0, 2, 3).reshape(-1, b * capacity, c))
-      new = new.reshape(b, capacity, c)
-      target = jnp.where(pvalid, pidx, n)
-      padded = jnp.concatenate([tokens, jnp.zeros((b, 1, c), tokens.dtype)], axis=1)
-      return padded.at[jnp.arange(b)[:, None], target].set(new)[:, :n]
+      new, pidx, pvalid = self._sample_positions(
+          z, to_pred, capacity=sched.capacity, cfg_scale=sched.scale(k) if use_cfg else None, keys=keys,
+          step=k + 1, diffusion=diffusion, temperature=temperature)
+      return self._scatter_rows(tokens, new, pidx, pvalid)
 
     return jax.lax.fori_loop(0, num_iter, body, jnp.zeros((b, n, c), jnp.float32))
+
+  def sample(self, labels, *, keys, **kwargs):
+    """Latent maps (B, h, w, C) (tokens in row-major order, patch size 1)."""
+    tokens = self.sample_tokens(labels, keys=keys, **kwargs)
+    return unpatchify(tokens, 1, self.token_dim)
+
+
+class MaskSchedule:
+  """The cosine masking schedule of one sampling phase (host-side: the same for every row).
+
+  Step k predicts the tokens with rank in [lengths[k], left[k]) of each row's order (MAR's mask_by_order); the
+  last step predicts all remaining. The linear CFG ramp reads the official clamped mask length, which is 1 (not
+  0) at the last step: cfg_k = 1 + (cfg - 1) (n - max(1, min(left - 1, floor(n cos)))) / n.
+  """
+
+  def __init__(self, num_tokens: int, num_iter: int, cfg: float = 1.0, cfg_schedule: str = "linear"):
+    if cfg_schedule not in ("linear", "constant"):
+      raise ValueError(f"cfg_schedule={cfg_schedule!r} must be 'linear' or 'constant'.")
+    if num_iter < 1:
+      raise ValueError(f"num_iter={num_iter} must be >= 1.")
+    self.n, self.cfg, self.cfg_schedule = num_tokens, cfg, cfg_schedule
+    self.lengths = cosine_mask_lengths(num_tokens, num_iter)
+    self.left = np.concatenate([[num_tokens], self.lengths[:-1]]).astype(np.int32)
+    clamped = self.lengths.copy()
+    clamped[-1] = 1
+    self.cfg_lengths = clamped
+    self.capacity = int(np.max(self.left - self.lengths))  # most tokens predicted in one step
+
+  def masks(self, ranks, k):
+    """(masked before step k, predicted at step k), both (B, n) bool, from ranks (B, n) of the orders."""
+    left, lengths = jnp.asarray(self.left)[k], jnp.asarray(self.lengths)[k]
+    mask = ranks < left
+    return mask, mask & (ranks >= lengths)
+
+  def scale(self, k):
+    if self.cfg_schedule == "constant":
+      return jnp.float32(self.cfg)
+    return 1.0 + (self.cfg - 1.0) * (self.n - jnp.asarray(self.cfg_lengths, jnp.float32)[k]) / self.n
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hi-MAR
+# ----------------------------------------------------------------------------------------------------------------
+
+class HiMAR(MAR):
+  """Hi-MAR (Zheng et al., ICML 2025): phase 1 predicts the low-resolution pivots (MLP head), phase 2 the dense
+  map conditioned on them (DiT head), with one scale-aware backbone (`MAR(num_phases=2)`).
+
+  What the code follows (HiDream-ai/himar `models/himar.py`, the code where it and the paper differ):
+  - sequence = P = lowres_grid^2 pivot positions then N = grid^2 dense positions, plus the class-embedding
+    buffer; phase 1 sees cat[cond_proj(low-res latents), z_proj(dense)] with every dense token masked and
+    ceil(P r1) pivots masked (r1 ~ truncnorm as MAR); phase 2 sees every pivot position (null pivots
+    cond_proj(cond_tokens), or cond_z_proj(small_z) = the detached phase-1 decoder output) and ceil(N r2) dense
+    tokens masked, r2 = cos(pi/2 U);
+  - null pivots in training: per sample, all P pivots are null with probability 1 - step_stage2_rate *
+    min(1, epoch / step_warmup) (epoch = step // steps_per_epoch); otherwise pivots visible in phase 1 are null
+    and those masked in phase 1 are cond_z_proj(small_z);
+  - class embedding dropped to fake_latent independently per phase (label_drop_prob);
+  - losses: the MLP head on masked pivots (mse + vb) and the DiT head on the dense map (masked mse divided by
+    every element), combined as phase_loss_weights (0.4, 0.6) = (64/320 * 2.0, 256/320 * 0.75) of the official
+    forward and engine; both heads see targets repeated diffusion_batch_mul times;
+  - sampling: 4 * lowres_grid cosine steps over the pivots with CFG `re_cfg` on the MLP head; then num_iter
+    cosine steps over the dense map with CFG `cfg` where BOTH halves see the conditional pivots (only the class
+    embedding differs); the DiT head resamples the whole map with RePaint re-imposition of known tokens, and
+    every position still masked before a step takes the new sample (the official sampler does this too).
+  Static shapes: phase-1 encoder capacity = P - ceil(P mask_ratio_min) visible pivots, phase 2 the whole sequence
+  (visible-token counts vary with r2; padding is excluded as attention keys), so no mask ratio recompiles.
+  """
+
+  def __init__(self, *, grid_size: int, lowres_grid: int, token_dim: int, dit_width: int, dit_depth: int,
+               dit_heads: int, dit_mlp_ratio: float = 4.0, step_stage2_rate: float = 0.25,
+               step_warmup_epochs: int = 100, steps_per_epoch: int = 1,
+               phase_loss_weights: tuple[float, float] = (0.4, 0.6), dit_sampling_steps: str = "250",
+               rngs: nnx.Rngs, dtype=jnp.bfloat16, **kwargs):
+    super().__init__(num_tokens=grid_size ** 2, token_dim=token_dim, num_phases=2, prefix_tokens=lowres_grid ** 2,
+                     dtype=dtype, rngs=rngs, **kwargs)
+    encoder_dim = self.z_proj.out_features
+    decoder_dim = self.decoder_embed.out_features
+    self.grid_size, self.lowres_grid = grid_size, lowres_grid
+    self.step_stage2_rate, self.step_warmup_epochs = step_stage2_rate, step_warmup_epochs
+    self.steps_per_epoch = steps_per_epoch
+    self.phase_loss_weights = tuple(phase_loss_weights)
+    self.dit_sampling_steps = dit_sampling_steps
+    p = self.prefix_tokens
+    self.lowres_capacity = p - int(math.ceil(p * self.mask_ratio_min))
+    self.cond_proj = dense(token_dim, encoder_dim, (None, "embed"), rngs=rngs, dtype=dtype)
+    self.cond_z_proj = dense(decoder_dim, encoder_dim, ("mlp", "embed"), rngs=rngs, dtype=dtype)
+    self.cond_tokens = nnx.Param(with_axes(_normal02, (None, "length", None))(rngs.params(), (1, p, token_dim),
+                                                                               jnp.float32))
+    self.dit_head = heads.DiTHead(token_dim, decoder_dim, dit_width, dit_depth, dit_heads, grid_size=grid_size,
+                                  mlp_ratio=dit_mlp_ratio, learn_sigma=False, dtype=dtype, rngs=rngs)
+
+  # -- inputs ------------------------------------------------------------------------------------------------------
+  def _tokens(self, batch):
+    latent, small = batch["latent"], batch["latent_small"]
+    g, lg, c = self.grid_size, self.lowres_grid, self.token_dim
+    if latent.shape[1:] != (g, g, c) or small.shape[1:] != (lg, lg, c) or small.shape[0] != latent.shape[0]:
+      raise ValueError(f"Hi-MAR takes latent (B, {g}, {g}, {c}) and latent_small (B, {lg}, {lg}, {c}) (channel-"
+                       f"last VAE latents of the image and its half-size copy); got {latent.shape} and "
+                       f"{small.shape}.")
+    return patchify(latent.astype(jnp.float32), 1), patchify(small.astype(jnp.float32), 1)
+
+  def null_pivot_prob(self, step):
+    """Probability that a training sample gets only null pivots at `step`."""
+    if step is None:
+      progress = 1.0
+    else:
+      epoch = jnp.floor_divide(jnp.asarray(step, jnp.int32), self.steps_per_epoch).astype(jnp.float32)
+      progress = jnp.minimum(1.0, epoch / self.step_warmup_epochs) if self.step_warmup_epochs > 0 else 1.0
+    return 1.0 - self.step_stage2_rate * progress
+
+  def draw_training(self, key, batch_size: int, step=None) -> dict:
+    """Every random draw of one training step (parity tests inject their own dict)."""
+    b, p, n, mul = batch_size, self.prefix_tokens, self.num_tokens, self.diffusion_batch_mul
+    ks = jax.random.split(key, 12)
+    perm = lambda k, m: jax.vmap(lambda kk: jax.random.permutation(kk, m))(jax.random.split(k, b))
+    r2 = jnp.cos(jax.random.uniform(ks[3], ()) * jnp.pi / 2)
+    return {
+        "order_low": perm(ks[0], p), "order_dense": perm(ks[1], n),
+        "num_masked_low": jnp.ceil(p * mask_ratio_sample(ks[2], self.mask_ratio_min)).astype(jnp.int32),
+        "num_masked_dense": jnp.clip(jnp.ceil(n * r2), 1, n).astype(jnp.int32),
+        "drop_low": jax.random.uniform(ks[4], (b,)) < self.label_drop_prob,
+        "drop_dense": jax.random.uniform(ks[5], (b,)) < self.label_drop_prob,
+        "null_pivots": jax.random.uniform(ks[6], (b,)) <= self.null_pivot_prob(step),
+        "t_low": jax.random.randint(ks[7], (mul * b * p,), 0, 1000),
+        "noise_low": jax.random.normal(ks[8], (mul * b * p, self.token_dim), jnp.float32),
+        "t_dense": jax.random.randint(ks[9], (mul * b,), 0, 1000),
+        "noise_dense": jax.random.normal(ks[10], (mul * b, n, self.token_dim), jnp.float32),
+        "dropout": ks[11],
+    }
+
+  def pivot_inputs(self, small_z, visible_low=None, null_all=None):
+    """Phase-2 pivot embeddings (B, P, D): cond_z_proj(small_z) where the pivot was masked in phase 1 (all
+    when visible_low is None), null pivots cond_proj(cond_tokens) elsewhere and for rows with null_all."""
+    real = self.cond_z_proj(small_z).astype(jnp.float32)
+    null = self.cond_proj(self.cond_tokens[...]).astype(jnp.float32)
+    out = real if visible_low is None else jnp.where(visible_low[..., None], null, real)
+    if null_all is not None:
+      out = jnp.where(null_all[:, None, None], null, out)
+    return out
+
+  def losses(self, batch, draws, rngs=None):
+    """(phase-1 MLP-head loss, phase-2 DiT-head loss) for given draws (the official forward returns 2.0 x and
+    0.75 x these)."""
+    dense, low = self._tokens(batch)
+    labels = batch["label"]
+    b, p, n, mul = dense.shape[0], self.prefix_tokens, self.num_tokens, self.diffusion_batch_mul
+    cond = self.class_emb(labels).astype(jnp.float32)
+    drop_class = lambda drop: jnp.where(drop[:, None], self.fake_latent[...], cond)
+    # Phase 1: pivots masked by the truncnorm ratio, every dense token masked (and never embedded).
+    mask_low = masks_from_orders(draws["order_low"], draws["num_masked_low"])
+    mask1 = jnp.concatenate([mask_low, jnp.ones((b, n), bool)], axis=1)
+    x1 = jnp.concatenate([self.cond_proj(low).astype(jnp.float32),
+                          jnp.zeros((b, n, self.fake_latent.shape[-1]), jnp.float32)], axis=1)
+    h, idx, valid = self.encode(x1, mask1, drop_class(draws["drop_low"]), self.lowres_capacity, phase=0, rngs=rngs)
+    z_low = self.decode(h, idx, valid, phase=0, rngs=rngs)[:, :p]
+    loss_low = self.mlp_loss(z_low, low, mask_low, draws["t_low"], draws["noise_low"])
+    # Phase 2: every pivot visible, dense tokens masked by the cosine ratio.
+    pivots = self.pivot_inputs(jax.lax.stop_gradient(z_low), ~mask_low, draws["null_pivots"])
+    mask_dense = masks_from_orders(draws["order_dense"], draws["num_masked_dense"])
+    mask2 = jnp.concatenate([jnp.zeros((b, p), bool), mask_dense], axis=1)
+    x2 = jnp.concatenate([pivots, self.z_proj(dense).astype(jnp.float32)], axis=1)
+    h, idx, valid = self.encode(x2, mask2, drop_class(draws["drop_dense"]), self.seq_len, phase=1, rngs=rngs)
+    z_dense = self.decode(h, idx, valid, phase=1, rngs=rngs)[:, p:]
+    diffusion = create_diffusion("", noise_schedule=self.noise_schedule, learn_sigma=False)
+    loss_dense = heads.dit_head_loss(self.dit_head, diffusion, jnp.tile(dense, (mul, 1, 1)),
+                                     jnp.tile(z_dense, (mul, 1, 1)), jnp.tile(mask_dense, (mul, 1)),
+                                     t=draws["t_dense"], noise=draws["noise_dense"])
+    return loss_low, loss_dense
+
+  def train_loss(self, batch, *, key, step=None):
+    """Weighted two-phase loss. batch: latent (B, 16, 16, C), latent_small (B, 8, 8, C), label (B,)."""
+    b = batch["label"].shape[0]
+    draws = self.draw_training(key, b, step)
+    loss_low, loss_dense = self.losses(batch, draws, nnx.Rngs(dropout=draws["dropout"]))
+    w1, w2 = self.phase_loss_weights
+    loss = w1 * loss_low + w2 * loss_dense
+    return loss, {"loss_lowres": loss_low, "loss_dense": loss_dense,
+                  "mask_ratio_lowres": draws["num_masked_low"].astype(jnp.float32) / self.prefix_tokens,
+                  "mask_ratio_dense": draws["num_masked_dense"].astype(jnp.float32) / self.num_tokens,
+                  "null_pivot_prob": jnp.asarray(self.null_pivot_prob(step), jnp.float32)}
+
+  # -- sampling ----------------------------------------------------------------------------------------------------
+  def sample_orders(self, keys):
+    """Per-row orders of the pivots (B, P) and of the dense map (B, N) from keys[b] alone."""
+    p, n = self.prefix_tokens, self.num_tokens
+    low = jax.vmap(lambda k: jax.random.permutation(jax.random.fold_in(k, 0), p))(keys)
+    dense = jax.vmap(lambda k: jax.random.permutation(jax.random.fold_in(k, 1), n))(keys)
+    return low, dense
+
+  def sample_tokens(self, labels, *, keys, num_iter: int, cfg: float = 1.0, re_cfg: float = 1.0,
+                    cfg_schedule: str = "linear", temperature: float = 1.0, num_sampling_steps: str | None = None,
+                    dit_sampling_steps: str | None = None, orders=None, noise=None):
+    """Hi-MAR's two-phase sampler: (pivots (B, P, C), dense tokens (B, N, C)).
+
+    keys (B,): row b's orders and noise depend only on keys[b]. Tests may inject `orders` (low (B, P), dense
+    (B, N)) and `noise` = dict(low_init (K1, B, cap1, C), low_steps (K1, T1, B, cap1, C), dense_init
+    (K2, B, N, C), dense_steps (K2, T2, B, N, C)) with K1 = 4 lowres_grid, K2 = num_iter.
+    """
+    b, p, n, c = labels.shape[0], self.prefix_tokens, self.num_tokens, self.token_dim
+    low_sched = MaskSchedule(p, 4 * self.lowres_grid, re_cfg, cfg_schedule)
+    dense_sched = MaskSchedule(n, num_iter, cfg, cfg_schedule)
+    mlp_diffusion = create_diffusion(num_sampling_steps or self.num_sampling_steps,
+                                     noise_schedule=self.noise_schedule, learn_sigma=True)
+    dit_diffusion = create_diffusion(dit_sampling_steps or self.dit_sampling_steps,
+                                     noise_schedule=self.noise_schedule, learn_sigma=False)
+    order_low, order_dense = self.sample_orders(keys) if orders is None else orders
+    ranks_low, ranks_dense = jnp.argsort(order_low, axis=-1), jnp.argsort(order_dense, axis=-1)
+    cond = self.class_embedding(labels)
+    uncond = jnp.broadcast_to(self.fake_latent[...], cond.shape)
+    d = cond.shape[-1]
+    twice = lambda x: jnp.concatenate([x, x])
+
+    # Phase 1: pivots; small_z keeps each pivot's decoder output from the step that predicted it.
+    cfg1 = re_cfg != 1.0
+    class1 = jnp.concatenate([cond, uncond]) if cfg1 else cond
+
+    def low_body(k, carry):
+      low, small_z = carry
+      mask, to_pred = low_sched.masks(ranks_low, k)
+      x = jnp.concatenate([self.cond_proj(low).astype(jnp.float32), jnp.zeros((b, n, d), jnp.float32)], axis=1)
+      full_mask = jnp.concatenate([mask, jnp.ones((b, n), bool)], axis=1)
+      if cfg1:
+        x, full_mask = twice(x), twice(full_mask)
+      h, idx, valid = self.encode(x, full_mask, class1, p, phase=0)
+      z = self.decode(h, idx, valid, phase=0)[:, :p]
+      small_z = jnp.where(to_pred[..., None], z[:b], small_z)
+      step_noise = None if noise is None else (noise["low_init"][k], noise["low_steps"][k])
+      new, pidx, pvalid = self._sample_positions(
+          z, to_pred, capacity=low_sched.capacity, cfg_scale=low_sched.scale(k) if cfg1 else None,
+          keys=jax.vmap(lambda kk: jax.random.fold_in(kk, 2))(keys), step=k, diffusion=mlp_diffusion,
+          temperature=temperature, noise=step_noise)
+      return self._scatter_rows(low, new, pidx, pvalid), small_z
+
+    init = (jnp.zeros((b, p, c), jnp.float32), jnp.zeros((b, p, self.diffusion_pos_embed.shape[-1]), jnp.float32))
+    low, small_z = jax.lax.fori_loop(0, low_sched.lengths.shape[0], low_body, init)
+
+    # Phase 2: dense map; both CFG halves see the conditional pivots.
+    cfg2 = cfg != 1.0
+    class2 = jnp.concatenate([cond, uncond]) if cfg2 else cond
+    pivots = self.pivot_inputs(small_z)
+    dense_keys = jax.vmap(lambda kk: jax.random.fold_in(kk, 3))(keys)
+    t2 = dit_diffusion.num_timesteps
+
+    def dense_body(k, dense):
+      mask, _ = dense_sched.masks(ranks_dense, k)
+      x = jnp.concatenate([pivots, self.z_proj(dense).astype(jnp.float32)], axis=1)
+      full_mask = jnp.concatenate([jnp.zeros((b, p), bool), mask], axis=1)
+      if cfg2:
+        x, full_mask = twice(x), twice(full_mask)
+      h, idx, valid = self.encode(x, full_mask, class2, self.seq_len, phase=1)
+      z = self.decode(h, idx, valid, phase=1)[:, p:]
+      if noise is None:
+        row_keys = jax.vmap(lambda kk: jax.random.fold_in(kk, k))(dense_keys)
+        x_init = jax.vmap(lambda kk: jax.random.normal(jax.random.fold_in(kk, 0), (n, c)))(row_keys)
+        steps = jax.vmap(lambda kk: jax.random.normal(jax.random.fold_in(kk, 1), (t2, n, c)))(row_keys)
+        steps = steps.transpose(1, 0, 2, 3)
+      else:
+        x_init, steps = noise["dense_init"][k], noise["dense_steps"][k]
+      new = heads.dit_head_sample(self.dit_head, dit_diffusion, z, known=dense, predict_mask=mask,
+                                  cfg_scale=dense_sched.scale(k) if cfg2 else None, temperature=temperature,
+                                  noise=x_init, step_noise=steps)
+      return jnp.where(mask[..., None], new, dense)
+
+    dense = jax.lax.fori_loop(0, num_iter, dense_body, jnp.zeros((b, n, c), jnp.float32))
+    return low, dense
+
+  def sample(self, labels, *, keys, **kwargs):
+    """Latent maps (B, grid, grid, C) of the dense phase (decode with the KL VAE after dividing by its scale)."""
+    _, dense = self.sample_tokens(labels, keys=keys, **kwargs)
+    return unpatchify(dense, 1, self.token_dim)
 
 
 class PixelMAR(MAR):
@@ -267,17 +606,29 @@ class PixelMAR(MAR):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Config plumbing (family 'pixel_mar')
+# Config plumbing: families 'pixel_mar' (quickstart), 'mar' and 'himar' (VAE latents)
 # ----------------------------------------------------------------------------------------------------------------
 
 _DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+_FAMILIES = ("pixel_mar", "mar", "himar")
+
+
+def _check_positive(m, *names):
+  for name in names:
+    value = m[name]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise ValueError(f"config.model.{name}={value!r} must be a positive integer.")
 
 
 def validate(config) -> None:
   m = config.model
-  if config.data.image_size % m.patch_size:
+  if m.family not in _FAMILIES:
+    raise ValueError(f"config.model.family={m.family!r} is not one of {_FAMILIES} (himar_jax.models.himar).")
+  if m.family == "pixel_mar" and config.data.image_size % m.patch_size:
     raise ValueError(f"config.data.image_size={config.data.image_size} is not divisible by "
                      f"config.model.patch_size={m.patch_size}; pick a patch size that divides it.")
+  _check_positive(m, "num_classes", "buffer_size", "encoder_dim", "encoder_depth", "encoder_heads", "decoder_dim",
+                  "decoder_depth", "decoder_heads", "head_width", "head_depth", "diffusion_batch_mul", "num_iter")
   for name in ("encoder_dim", "decoder_dim"):
     heads_name = name.replace("_dim", "_heads")
     if m[name] % m[heads_name]:
@@ -289,22 +640,54 @@ def validate(config) -> None:
     raise ValueError(f"config.model.label_drop_prob={m.label_drop_prob} must lie in [0, 1).")
   if m.dtype not in _DTYPES:
     raise ValueError(f"config.model.dtype={m.dtype!r} must be one of {sorted(_DTYPES)}.")
-  if m.num_iter < 1:
-    raise ValueError(f"config.model.num_iter={m.num_iter} must be >= 1.")
+  if m.cfg_schedule not in ("linear", "constant"):
+    raise ValueError(f"config.model.cfg_schedule={m.cfg_schedule!r} must be 'linear' or 'constant'.")
+  if m.family in ("mar", "himar"):
+    _check_positive(m, "grid_size", "token_dim")
+  if m.family == "himar":
+    _check_positive(m, "lowres_grid", "dit_width", "dit_depth", "dit_heads", "steps_per_epoch")
+    if m.grid_size % m.lowres_grid:
+      raise ValueError(f"config.model.lowres_grid={m.lowres_grid} must divide grid_size={m.grid_size} (the "
+                       "pivots are the latents of the half-size image: 8 for 16).")
+    if m.dit_width % m.dit_heads or m.dit_width % 4:
+      raise ValueError(f"config.model.dit_width={m.dit_width} must be divisible by dit_heads={m.dit_heads} and "
+                       "by 4 (2D sin-cos position embedding).")
+    if not 0.0 <= m.step_stage2_rate <= 1.0:
+      raise ValueError(f"config.model.step_stage2_rate={m.step_stage2_rate} must lie in [0, 1].")
+    if m.step_warmup_epochs < 0:
+      raise ValueError(f"config.model.step_warmup_epochs={m.step_warmup_epochs} must be >= 0.")
+    if len(m.phase_loss_weights) != 2:
+      raise ValueError(f"config.model.phase_loss_weights={m.phase_loss_weights!r} must hold two weights "
+                       "(low-resolution phase, dense phase).")
 
 
-def build(config, rngs: nnx.Rngs) -> PixelMAR:
+def _backbone_kwargs(m) -> dict:
+  return dict(num_classes=m.num_classes, buffer_size=m.buffer_size,
+              encoder_dim=m.encoder_dim, encoder_depth=m.encoder_depth, encoder_heads=m.encoder_heads,
+              decoder_dim=m.decoder_dim, decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads,
+              head_width=m.head_width, head_depth=m.head_depth, mlp_ratio=m.mlp_ratio, dropout=m.dropout,
+              label_drop_prob=m.label_drop_prob, mask_ratio_min=m.mask_ratio_min,
+              diffusion_batch_mul=m.diffusion_batch_mul, num_sampling_steps=m.num_sampling_steps,
+              dtype=_DTYPES[m.dtype])
+
+
+def build(config, rngs: nnx.Rngs) -> MAR:
   m = config.model
-  return PixelMAR(image_size=config.data.image_size, channels=m.channels, patch_size=m.patch_size,
-                  num_classes=m.num_classes, buffer_size=m.buffer_size,
-                  encoder_dim=m.encoder_dim, encoder_depth=m.encoder_depth, encoder_heads=m.encoder_heads,
-                  decoder_dim=m.decoder_dim, decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads,
-                  head_width=m.head_width, head_depth=m.head_depth, mlp_ratio=m.mlp_ratio, dropout=m.dropout,
-                  label_drop_prob=m.label_drop_prob, mask_ratio_min=m.mask_ratio_min,
-                  diffusion_batch_mul=m.diffusion_batch_mul, num_sampling_steps=m.num_sampling_steps,
-                  dtype=_DTYPES[m.dtype], rngs=rngs)
+  if m.family == "pixel_mar":
+    return PixelMAR(image_size=config.data.image_size, channels=m.channels, patch_size=m.patch_size, rngs=rngs,
+                    **_backbone_kwargs(m))
+  if m.family == "mar":
+    return MAR(num_tokens=m.grid_size ** 2, token_dim=m.token_dim, rngs=rngs, **_backbone_kwargs(m))
+  return HiMAR(grid_size=m.grid_size, lowres_grid=m.lowres_grid, token_dim=m.token_dim, dit_width=m.dit_width,
+               dit_depth=m.dit_depth, dit_heads=m.dit_heads, dit_mlp_ratio=m.dit_mlp_ratio,
+               step_stage2_rate=m.step_stage2_rate, step_warmup_epochs=m.step_warmup_epochs,
+               steps_per_epoch=m.steps_per_epoch, phase_loss_weights=tuple(m.phase_loss_weights),
+               dit_sampling_steps=m.dit_sampling_steps, rngs=rngs, **_backbone_kwargs(m))
 
 
 def sample_kwargs(config) -> dict:
   m = config.model
-  return {"num_iter": m.num_iter, "cfg": m.cfg, "cfg_schedule": m.cfg_schedule, "temperature": m.temperature}
+  out = {"num_iter": m.num_iter, "cfg": m.cfg, "cfg_schedule": m.cfg_schedule, "temperature": m.temperature}
+  if m.family == "himar":
+    out["re_cfg"] = m.re_cfg
+  return out
