@@ -6,6 +6,8 @@ import importlib
 
 FAMILIES = {
     "pixel_mar": "himar_jax.models.himar",  # MAR on pixel patches (quickstart)
+    "mar": "himar_jax.models.himar",  # MAR on KL-16 VAE latents (configs/himar.py:mar_*)
+    "himar": "himar_jax.models.himar",  # Hi-MAR on KL-16 VAE latents + half-size pivots (configs/himar.py)
 }
 
 
