@@ -44,7 +44,7 @@ def _seq(data, prefix):
 
 def test_kl_vae_parity_with_official():
   sd, data = _load("kl_vae")
-  model = conv.build("kl_vae", KL_CONFIG)
+  model = conv.build("kl_vae", KL_CONFIG, abstract=True)
   report = conv.load_state_dict(model, sd)
   assert report.missing == [] and report.unexpected == []
   x = jnp.asarray(nhwc(data["x"]))
@@ -61,7 +61,7 @@ def test_kl_vae_parity_with_official():
 
 def test_vq_pyramid_parity_with_official():
   sd, data = _load("vq_pyramid")
-  model = conv.build("vq_pyramid", VQ_CONFIG)
+  model = conv.build("vq_pyramid", VQ_CONFIG, abstract=True)
   report = conv.load_state_dict(model, sd)
   assert report.missing == [] and report.unexpected == []
   x = jnp.asarray(nhwc(data["x"]))
@@ -81,7 +81,7 @@ def test_vq_pyramid_parity_with_official():
 
 def test_vq_training_forward_parity_loss_and_gradients():
   sd, data = _load("vq_pyramid")
-  model = conv.build("vq_pyramid", VQ_CONFIG)
+  model = conv.build("vq_pyramid", VQ_CONFIG, abstract=True)
   conv.load_state_dict(model, sd)
   q = model.quantize
   f, g = jnp.asarray(nhwc(data["f"])), jnp.asarray(nhwc(data["train/g"]))
@@ -104,16 +104,19 @@ def test_vq_training_forward_parity_loss_and_gradients():
 @pytest.mark.parametrize("res", [256, 512])
 def test_quantizer_parity_on_published_layouts(res):
   sd, data = _load(f"vq_quant{res}")
-  q = vq.ResidualQuantizer(vq.var_vqvae_config(res).replace(vocab_size=64, z_channels=4), rngs=nnx.Rngs(0))
+  q = nnx.eval_shape(lambda: vq.ResidualQuantizer(vq.var_vqvae_config(res).replace(vocab_size=64, z_channels=4),
+                                                  rngs=nnx.Rngs(0)))
   report = conv.load_state_dict(q, sd, prefix="quantize.")
   assert report.missing == [] and report.unexpected == []
   f = jnp.asarray(nhwc(data["f"]))
-  for got, want in zip(q.f_to_indices(f), _seq(data, "idx"), strict=True):
-    np.testing.assert_array_equal(np.asarray(got), want)
-  for got, want in zip(q.f_to_fhats(f), _seq(data, "fhat"), strict=True):
-    assert_rel(got, nhwc(want))
   want_idx = [jnp.asarray(i) for i in _seq(data, "idx")]
-  inputs = q.next_scale_inputs(want_idx)
+  # One jit for the three paths: compiling once is faster than dispatching every resize eagerly.
+  idx, fhats, inputs = nnx.jit(lambda q, f, i: (q.f_to_indices(f), q.f_to_fhats(f), q.next_scale_inputs(i)))(
+      q, f, want_idx)
+  for got, want in zip(idx, _seq(data, "idx"), strict=True):
+    np.testing.assert_array_equal(np.asarray(got), want)
+  for got, want in zip(fhats, _seq(data, "fhat"), strict=True):
+    assert_rel(got, nhwc(want))
   assert inputs.shape[1] == {256: 679, 512: 2239}[res]
   assert_rel(inputs, data["next_scale_inputs"])
 

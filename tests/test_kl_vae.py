@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from himar_jax import tokenizers
 from himar_jax.tokenizers import kl_vae
+
+
+def _tiny(config):
+  return tokenizers.build("kl_vae", config, host_init=True)
 
 
 def test_kl16_parameter_count_matches_official():
@@ -21,7 +26,7 @@ def test_kl16_parameter_count_matches_official():
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_tiny_shapes(channels):
-  model = kl_vae.KLVAE(kl_vae.tiny_config(channels), rngs=nnx.Rngs(0), dtype=jnp.float32)
+  model = _tiny(kl_vae.tiny_config(channels))
   x = jax.random.uniform(jax.random.key(1), (2, 16, 16, channels), minval=-1, maxval=1)
   post = model.encode(x)
   assert post.mean.shape == post.logvar.shape == (2, 8, 8, 4)
@@ -57,13 +62,13 @@ def test_posterior_clamp_sample_kl_nll():
 
 def test_decode_scaled_divides_by_scale_factor():
   config = kl_vae.tiny_config(1, scale_factor=0.5)
-  model = kl_vae.KLVAE(config, rngs=nnx.Rngs(0), dtype=jnp.float32)
+  model = _tiny(config)
   z = jax.random.normal(jax.random.key(0), (1, 4, 4, 4))
   np.testing.assert_allclose(model.decode_scaled(z * 0.5), model.decode(z), rtol=1e-5, atol=1e-6)
 
 
 def test_bad_inputs_name_the_problem():
-  model = kl_vae.KLVAE(kl_vae.tiny_config(3), rngs=nnx.Rngs(0), dtype=jnp.float32)
+  model = _tiny(kl_vae.tiny_config(3))
   with pytest.raises(ValueError, match=r"\(B, H, W, 3\); got shape \(1, 3, 16, 16\)"):
     model.encode(jnp.zeros((1, 3, 16, 16)))
   with pytest.raises(ValueError, match="dtype uint8"):
@@ -73,4 +78,41 @@ def test_bad_inputs_name_the_problem():
   with pytest.raises(ValueError, match=r"latents must be \(B, h, w, 4\)"):
     model.decode(jnp.zeros((1, 4, 4, 3)))
   with pytest.raises(ValueError, match="norm_groups"):
-    kl_vae.KLVAE(kl_vae.tiny_config(3, ch=12), rngs=nnx.Rngs(0))
+    nnx.eval_shape(lambda: kl_vae.KLVAE(kl_vae.tiny_config(3, ch=12), rngs=nnx.Rngs(0)))
+
+
+def test_training_loss_gan_gradients_split_between_generator_and_discriminator():
+  """One optimizer, one loss: the discriminator's gradient is that of its hinge loss alone, the tokenizer's that
+  of reconstruction + KL + gan_weight * generator loss (stop-gradient routing in TokenizerTrainer)."""
+  from configs import kl_vae as kl_config  # noqa: PLC0415
+  from himar_jax.tokenizers import training
+
+  config = kl_config.get_config("tiny")
+  model = tokenizers.host_initialize(nnx.eval_shape(lambda: training.build(config, nnx.Rngs(0))), seed=1)
+  x = jax.random.uniform(jax.random.key(0), (2, 16, 16, 1), minval=-1, maxval=1)
+  key = jax.random.key(5)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def total(p, step):
+    return nnx.merge(graphdef, p, rest).train_loss({"image": x}, key=key, step=step)[0]
+
+  def parts(p):
+    m = nnx.merge(graphdef, p, rest)
+    rec, post = m.tokenizer(x, key)
+    gen = (jnp.mean(jnp.abs(rec - x)) + config.loss.kl_weight * jnp.mean(post.kl()) / x[0].size
+           - config.loss.gan_weight * jnp.mean(m.discriminator(rec)))
+    d = training.hinge_d_loss(m.discriminator(x), m.discriminator(jax.lax.stop_gradient(rec)))
+    return gen, d
+
+  @jax.jit
+  def all_grads(p):
+    return (jax.grad(total)(p, config.loss.gan_start), jax.grad(lambda q: parts(q)[0])(p),
+            jax.grad(lambda q: parts(q)[1])(p), jax.grad(total)(p, 0))
+
+  grads, g_gen, g_disc, early = all_grads(params)
+  for a, b in zip(jax.tree.leaves(grads["tokenizer"]), jax.tree.leaves(g_gen["tokenizer"])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+  for a, b in zip(jax.tree.leaves(grads["discriminator"]), jax.tree.leaves(g_disc["discriminator"])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+  # Before gan_start neither GAN term contributes: the discriminator receives no gradient.
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(early["discriminator"]))

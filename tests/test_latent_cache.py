@@ -26,7 +26,7 @@ def _images(n=N, channels=1, seed=0):
 
 def _tokenizer(tmp_path, preset, seed=0, name="tok"):
   kind, config = tokenizers.preset(preset)
-  model = tokenizers.build(kind, config, seed=seed)
+  model = tokenizers.build(kind, config, host_init=True, seed=seed)
   out = str(tmp_path / name)
   conv.save_tokenizer(model, kind, out)
   return model, kind, out
@@ -167,7 +167,8 @@ def test_vq_cache_holds_per_scale_indices(tmp_path):
   model, kind, tok_dir = _tokenizer(tmp_path, "vq_tiny")
   images, labels = _images(n=5, channels=3, seed=2)
   source = lc.ArrayImageSource(images, labels, SIZE)
-  meta = _write(model, kind, tok_dir, tmp_path / "cache", source)
+  one_device = jax.sharding.Mesh(np.asarray(jax.local_devices()[:1]), ("data",))  # the KL cache covers 8 devices
+  meta = _write(model, kind, tok_dir, tmp_path / "cache", source, mesh=one_device)
   assert meta["complete"] and meta["pivot_size"] is None
   cache = lp.LatentCacheSource(str(tmp_path / "cache"))
   x = jnp.asarray(np.stack([source[i][0] for i in range(5)]).astype(np.float32) / 127.5 - 1)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from himar_jax import tokenizers
 from himar_jax.tokenizers import resize
 from himar_jax.tokenizers import vq_pyramid as vq
 
@@ -34,7 +35,7 @@ def test_phi_index_map():
 
 def _quantizer(**kw):
   config = vq.tiny_config(**kw).replace(patch_nums=kw.get("patch_nums", (1, 2, 3, 5, 6)))
-  return vq.ResidualQuantizer(config, rngs=nnx.Rngs(3))
+  return tokenizers.host_initialize(nnx.eval_shape(lambda: vq.ResidualQuantizer(config, rngs=nnx.Rngs(0))), 3)
 
 
 def _np_nearest(z, e):
@@ -44,8 +45,8 @@ def _np_nearest(z, e):
 
 def test_quantizer_matches_float64_numpy_loop_with_identity_phi():
   # With quant_resi = 0 phi is the identity and the whole residual loop is resizes + nearest neighbours.
-  q = vq.ResidualQuantizer(vq.tiny_config(vocab_size=32, z_channels=4, patch_nums=(1, 2, 3, 5, 6)).replace(
-      quant_resi=0.0), rngs=nnx.Rngs(0))
+  config = vq.tiny_config(vocab_size=32, z_channels=4, patch_nums=(1, 2, 3, 5, 6)).replace(quant_resi=0.0)
+  q = tokenizers.host_initialize(nnx.eval_shape(lambda: vq.ResidualQuantizer(config, rngs=nnx.Rngs(0))))
   e = np.asarray(q.embedding.embedding[...]) * 200.0  # spread the codebook so ties are impossible
   q.embedding.embedding[...] = jnp.asarray(e)
   f = np.random.default_rng(0).standard_normal((2, 6, 6, 4)).astype(np.float32)
@@ -129,7 +130,7 @@ def test_usage_ema_and_percent():
 
 
 def test_model_shapes_and_errors():
-  model = vq.VQPyramid(vq.tiny_config(1), rngs=nnx.Rngs(0), dtype=jnp.float32)
+  model = tokenizers.build("vq_pyramid", vq.tiny_config(1), host_init=True)
   x = jax.random.uniform(jax.random.key(0), (2, 16, 16, 1), minval=-1, maxval=1)
   idx = model.img_to_indices(x)
   assert [i.shape[1] for i in idx] == [1, 4, 9, 16, 36, 64]
@@ -142,4 +143,4 @@ def test_model_shapes_and_errors():
   with pytest.raises(ValueError, match=r"indices\[1\] must be \(B, 4\)"):
     model.quantize.indices_to_fhat([idx[0], idx[2]] + idx[2:])
   with pytest.raises(ValueError, match="strictly increasing"):
-    vq.VQPyramid(vq.tiny_config(patch_nums=(1, 3, 2)), rngs=nnx.Rngs(0))
+    nnx.eval_shape(lambda: vq.VQPyramid(vq.tiny_config(patch_nums=(1, 3, 2)), rngs=nnx.Rngs(0)))

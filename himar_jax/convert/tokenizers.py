@@ -302,14 +302,15 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
 
 def random_tokenizer(out_dir: str, kind: str, config, *, seed: int = 0) -> str:
   """Saves a randomly initialised tokenizer (smoke tests of the cache / training paths without weights)."""
-  return save_tokenizer(build(kind, config, seed=seed), kind, out_dir, source=f"random:{seed}")
+  return save_tokenizer(build(kind, config, host_init=True, seed=seed), kind, out_dir, source=f"random:{seed}")
 
 
 def convert_verb(flags) -> int:
   """`python -m himar_jax convert --config=configs/kl_vae.py:kl16 --config.convert.src=kl16.ckpt --workdir=OUT`.
 
-  Converts config.convert.src (an official checkpoint, or `random:<seed>` for a random-weight tokenizer) for the
-  tokenizer that config.tokenizer names, into the tokenizer directory --workdir (state/ + tokenizer.json).
+  Converts config.convert.src for the tokenizer that config.tokenizer names into the tokenizer directory --workdir
+  (state/ + tokenizer.json). src: an official checkpoint; `train:<workdir>` (the EMA tokenizer of a training run
+  of this config); or `random:<seed>` (random weights, for smoke tests).
   """
   from himar_jax import tokenizers
 
@@ -322,11 +323,15 @@ def convert_verb(flags) -> int:
   src = config.convert.src
   if not src:
     raise ValueError("config.convert.src is empty; pass --config.convert.src=/path/to/kl16.ckpt (or "
-                     "vae_ch160v4096z32.pth, or random:<seed>).")
+                     "vae_ch160v4096z32.pth, train:<training workdir>, random:<seed>).")
   kind, tcfg = tokenizers.from_config(config.tokenizer)
   if src.startswith("random:"):
     random_tokenizer(out, kind, tcfg, seed=int(src.split(":", 1)[1]))
     print(f"wrote random-weight {kind} to {out}")
+  elif src.startswith("train:"):
+    from himar_jax.tokenizers.training import export_tokenizer
+    export_tokenizer(src.split(":", 1)[1], config, out)
+    print(f"exported the EMA {kind} of training run {src.split(':', 1)[1]}")
   else:
     _, report = convert_checkpoint(src, out, kind=kind, config=tcfg, strict=bool(config.convert.strict))
     print(report.summary())

@@ -8,6 +8,8 @@ FAMILIES = {
     "pixel_mar": "himar_jax.models.himar",  # MAR on pixel patches (quickstart)
     "mar": "himar_jax.models.himar",  # MAR on KL-16 VAE latents (configs/himar.py:mar_*)
     "himar": "himar_jax.models.himar",  # Hi-MAR on KL-16 VAE latents + half-size pivots (configs/himar.py)
+    "kl_vae": "himar_jax.tokenizers.training",  # tokenizer training (configs/kl_vae.py)
+    "vq_pyramid": "himar_jax.tokenizers.training",  # tokenizer training (configs/vq_pyramid.py)
 }
 
 

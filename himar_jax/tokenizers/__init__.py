@@ -59,10 +59,41 @@ def from_config(tok) -> tuple[str, object]:
   return kind, config
 
 
-def build(kind: str, config, *, abstract: bool = False, dtype=jnp.float32, seed: int = 0) -> nnx.Module:
+def build(kind: str, config, *, abstract: bool = False, host_init: bool = False, dtype=jnp.float32,
+          seed: int = 0) -> nnx.Module:
+  """A tokenizer module. abstract: shapes only (to be filled by a checkpoint); host_init: weights drawn with
+  NumPy on the host (see host_initialize; seconds faster on CPU than tracing every initializer)."""
   cls = kl_vae.KLVAE if _config_class(kind) is kl_vae.KLVAEConfig else vq_pyramid.VQPyramid
   make = lambda: cls(config, rngs=nnx.Rngs(seed), dtype=dtype)
-  return nnx.eval_shape(make) if abstract else make()
+  if abstract or host_init:
+    model = nnx.eval_shape(make)
+    return host_initialize(model, seed) if host_init else model
+  return make()
+
+
+def host_initialize(model: nnx.Module, seed: int = 0) -> nnx.Module:
+  """Fills every variable of a (possibly abstract) conv model with NumPy draws, in place: conv kernels and biases
+  U(+-1/sqrt(fan_in)) (PyTorch's Conv2d default), norm scale 1 / bias 0, codebook U(+-1/V), statistics 0."""
+  import numpy as np
+
+  rng = np.random.default_rng(seed)
+  state = nnx.state(model)
+  for path, var in sorted(nnx.to_flat_state(state), key=lambda kv: str(kv[0])):
+    shape, name = var.get_value().shape, path[-1]
+    siblings = state
+    for p in path[:-1]:
+      siblings = siblings[p]
+    if not isinstance(var, nnx.Param):
+      value = np.zeros(shape)
+    elif name == "embedding":
+      value = rng.uniform(-1.0 / shape[0], 1.0 / shape[0], shape)
+    elif "kernel" not in siblings:  # normalisation layers
+      value = np.ones(shape) if name == "scale" else np.zeros(shape)
+    else:
+      bound = 1.0 / np.sqrt(np.prod(siblings["kernel"].get_value().shape[:-1]))
+      value = rng.uniform(-bound, bound, shape)
+    var.set_value(jnp.asarray(value, var.get_value().dtype))
+  return model
 
 
 def arch_overrides(kind: str):
