@@ -143,7 +143,7 @@ def main():
   parser.add_argument("--block-bwd", type=int, default=None)
   parser.add_argument("--num-warps", type=int, default=None)
   parser.add_argument("--num-stages", type=int, default=3)
-  parser.add_argument("--fast-exp", action=argparse.BooleanOptionalAction, default=False)
+  parser.add_argument("--fast-exp", action=argparse.BooleanOptionalAction, default=True)
   args = parser.parse_args()
   kernel_kwargs = dict(implementation="pallas_gpu", block_q=args.block_q, block_k=args.block_k,
                        block_bwd=args.block_bwd, num_warps=args.num_warps, num_stages=args.num_stages,
