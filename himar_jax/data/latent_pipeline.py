@@ -2,7 +2,7 @@
 posterior sample x scale factor (KL VAE) or the token indices (VQ pyramid), and the label.
 
 Batches (this process's rows of the global batch, numpy):
-  KL VAE      latent (B, S/16, S/16, z), latent_small (B, s/16, s/16, z) float32, label int32, index int64
+  KL VAE      latent (B, S/16, S/16, z), latent_small (B, s/16, s/16, z) float32, label int32, index int32
   VQ pyramid  indices (B, L) int32, label, index
 The image and its pivot always come from the same flip. Shuffling, per-host sharding, batching and the
 checkpointable iterator state are those of `himar_jax.data.pipeline.make_iterator`.
@@ -81,7 +81,7 @@ def kl_transform(scale_factor: float, random_flip: bool = True):
     noise_small = rng.standard_normal(small.shape[:-1] + (small.shape[-1] // 2,), dtype=np.float32)
     return {"latent": sample_posterior(big, noise_big) * np.float32(scale_factor),
             "latent_small": sample_posterior(small, noise_small) * np.float32(scale_factor),
-            "label": np.int32(record["label"]), "index": np.int64(record["index"])}
+            "label": np.int32(record["label"]), "index": np.int32(record["index"])}
 
   return transform
 
@@ -92,7 +92,7 @@ def vq_transform(random_flip: bool = True):
   def transform(record: dict, rng: np.random.Generator) -> dict:
     flip = random_flip and rng.random() < 0.5
     return {"indices": record["indices_flip" if flip else "indices"].astype(np.int32),
-            "label": np.int32(record["label"]), "index": np.int64(record["index"])}
+            "label": np.int32(record["label"]), "index": np.int32(record["index"])}
 
   return transform
 
@@ -111,10 +111,12 @@ def make_latent_iterator(cache_dir: str, *, global_batch_size: int, seed: int, r
 
 
 def make_train_iterator(config):
-  """The latent iterator a training config names: config.data.latent_cache (+ config.tokenizer.checkpoint to
-  check that the cache belongs to that tokenizer)."""
+  """The latent iterator a training config names (config.data.source == "latent_cache"): config.data.cache_dir,
+  plus config.tokenizer.checkpoint when present, to check that the cache belongs to that tokenizer."""
+  if not config.data.get("cache_dir", ""):
+    raise ValueError("config.data.cache_dir is empty; set --config.data.cache_dir to a `cache-latents` output.")
   tok = config.get("tokenizer", None)
-  return make_latent_iterator(config.data.latent_cache, global_batch_size=config.data.global_batch_size,
+  return make_latent_iterator(config.data.cache_dir, global_batch_size=config.data.global_batch_size,
                               seed=config.data.shuffle_seed, random_flip=config.data.random_flip,
                               tokenizer_dir=(tok.get("checkpoint", "") or None) if tok is not None else None,
                               num_workers=config.data.num_workers)
