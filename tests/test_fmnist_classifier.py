@@ -38,7 +38,7 @@ def test_padded_32x32_images_are_centre_cropped(classifier, fake_fashion_mnist):
   np.testing.assert_array_equal(fc.preprocess(padded), fc.preprocess(images))
   np.testing.assert_allclose(classifier(padded)[0], classifier(images)[0], rtol=1e-6, atol=1e-6)
   x = fc.preprocess(images[:1])
-  assert x.min() >= -1.0 and x.max() <= 1.0 and x[0, 0, 0, 0] == images[0, 0, 0] / 127.5 - 1.0
+  assert x.min() >= -1.0 and x.max() <= 1.0 and x[0, 0, 0, 0] == pytest.approx(images[0, 0, 0] / 127.5 - 1.0)
 
 
 def test_bad_inputs_name_the_problem():
