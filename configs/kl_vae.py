@@ -27,7 +27,8 @@ def get_config(variant: str = "kl16") -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict({"family": "kl_vae", "dtype": "bfloat16"})
   c.loss = ml_collections.ConfigDict({
       "reconstruction": "l1", "kl_weight": 1e-6, "perceptual_weight": 1.0, "gan_weight": 0.5,
-      "gan_start": 50001, "disc_width": 64, "disc_layers": 3})
+      "gan_start": 50001, "disc_width": 64, "disc_layers": 3,
+      "lpips_vgg": "", "lpips_lin": ""})  # LPIPS weights: torchvision vgg16 .pth and LPIPS v0.1 vgg.pth
   # LDM's autoencoder recipe: Adam (0.5, 0.9), lr 4.5e-6 per image of the global batch, no weight decay.
   c.optim.lr = 4.5e-6 * 128
   c.optim.b1, c.optim.b2 = 0.5, 0.9

@@ -183,3 +183,17 @@ def test_convert_main_cli(tmp_path):
     conv.convert_main(["--preset", "kl16", "--src", str(npz), "--out", str(tmp_path / "o")])
   with pytest.raises(SystemExit):
     conv.convert_main(["--preset", "kl32", "--src", str(npz), "--out", str(tmp_path / "o")])
+
+
+def test_lpips_parity_with_official():
+  """Official LPIPS v0.1 (VGG) at NumPy-seeded random weights (tests/fixtures/make_tokenizers.py)."""
+  from himar_jax.tokenizers import lpips
+  _, data = _load("lpips")
+  vgg, lin = lpips.random_state_dicts(int(data["seed"]))
+  model = lpips.load_state_dicts(nnx.eval_shape(lpips.LPIPS), vgg, lin)
+  assert vq.count_params(model) == 0  # frozen: nothing for an optimizer
+  d = nnx.jit(lambda m, a, b: m(a, b))(model, jnp.asarray(nhwc(data["x0"])), jnp.asarray(nhwc(data["x1"])))
+  assert_rel(d, data["d"].reshape(-1))
+  bad = dict(vgg, **{"features.0.weight": np.zeros((64, 1, 3, 3), np.float32)})
+  with pytest.raises(ValueError, match=r"'features.0.weight' has shape \(64, 1, 3, 3\), expected \(64, 3, 3, 3\)"):
+    lpips.load_state_dicts(nnx.eval_shape(lpips.LPIPS), bad, lin)

@@ -116,3 +116,24 @@ def test_training_loss_gan_gradients_split_between_generator_and_discriminator()
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
   # Before gan_start neither GAN term contributes: the discriminator receives no gradient.
   assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(early["discriminator"]))
+
+
+def test_training_uses_lpips_when_weights_are_given(tmp_path):
+  from configs import kl_vae as kl_config  # noqa: PLC0415
+  from himar_jax.tokenizers import lpips, training
+
+  vgg, lin = lpips.random_state_dicts(0)
+  np.savez(tmp_path / "vgg.npz", **vgg)
+  np.savez(tmp_path / "lin.npz", **lin)
+  config = kl_config.get_config("tiny")
+  config.loss.update(gan_weight=0.0, perceptual_weight=0.5, lpips_vgg=str(tmp_path / "vgg.npz"),
+                     lpips_lin=str(tmp_path / "lin.npz"))
+  training.validate(config)
+  model = nnx.eval_shape(lambda: training.build(config, nnx.Rngs(0)))
+  assert model.perceptual is not None and model.discriminator is None
+  # LPIPS weights are frozen variables, not parameters: the trainer's optimizer never sees them.
+  params = nnx.state(model, nnx.Param)
+  assert "perceptual" not in params and "tokenizer" in params
+  config.loss.lpips_vgg = str(tmp_path / "missing.pth")
+  with pytest.raises(FileNotFoundError, match="lpips_vgg"):
+    training.validate(config)

@@ -5,7 +5,8 @@ Loss (per batch of images in [-1, 1]):
   + kl_weight * KL(q || N(0, I)) per latent element summed, divided by the image's element count (LDM's sum-
     over-pixels weighting: 1e-6 relative to the summed L1), KL VAE only
   + the VQ loss (beta-weighted commitment + codebook terms, straight-through), VQ pyramid only
-  + perceptual_weight * LPIPS(x, x_rec)   when an LPIPS module is attached (weights given)
+  + perceptual_weight * LPIPS(x, x_rec)   when config.loss.lpips_vgg / lpips_lin name its weights (torchvision
+    VGG16 and LPIPS v0.1 vgg.pth; himar_jax/tokenizers/lpips.py); without them the term is off
   + gan_weight * hinge generator loss from a PatchGAN discriminator, from step `gan_start` on.
 The foundation trainer has one optimizer and one loss, so the discriminator trains in the same step through
 stop-gradients: its hinge loss sees stop_gradient(x_rec), and the generator term sees a stop_gradient copy of the
@@ -16,6 +17,9 @@ Metrics: rec_loss, kl / vq_loss, codebook_usage_pct (share of codes hit in the b
 d_loss, g_loss, logits_real / logits_fake.
 """
 from __future__ import annotations
+
+import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -82,7 +86,10 @@ class TokenizerTrainer(nnx.Module):
     self.gan_weight = float(loss.gan_weight)
     self.gan_start = int(loss.gan_start)
     self.perceptual_weight = float(loss.get("perceptual_weight", 0.0))
-    self.perceptual = None  # an LPIPS module, attached by whoever holds its weights (see module docstring)
+    use_lpips = self.perceptual_weight > 0 and loss.get("lpips_vgg", "") and loss.get("lpips_lin", "")
+    if use_lpips:
+      from himar_jax.tokenizers import lpips
+    self.perceptual = lpips.load(loss.lpips_vgg, loss.lpips_lin) if use_lpips else None
     self.discriminator = (PatchDiscriminator(tcfg.in_channels, width=loss.disc_width, num_layers=loss.disc_layers,
                                              rngs=rngs, dtype=dtype) if self.gan_weight > 0 else None)
 
@@ -132,6 +139,14 @@ def validate(config) -> None:
   for field in ("gan_weight", "gan_start"):
     if config.loss[field] < 0:
       raise ValueError(f"config.loss.{field}={config.loss[field]} must be >= 0.")
+  for field in ("lpips_vgg", "lpips_lin"):
+    path = config.loss.get(field, "")
+    if path and not os.path.isfile(path):
+      raise FileNotFoundError(f"config.loss.{field}={path!r} does not exist; give torchvision's vgg16 weights "
+                              "(lpips_vgg) and LPIPS' v0.1 vgg.pth (lpips_lin), or leave both empty.")
+  if config.loss.get("perceptual_weight", 0) > 0 and not (config.loss.get("lpips_vgg") and config.loss.get("lpips_lin")):
+    logging.warning("config.loss.perceptual_weight=%s but lpips_vgg / lpips_lin are not set: training without the "
+                    "LPIPS term.", config.loss.perceptual_weight)
 
 
 def build(config, rngs: nnx.Rngs) -> TokenizerTrainer:
@@ -140,8 +155,6 @@ def build(config, rngs: nnx.Rngs) -> TokenizerTrainer:
 
 def export_tokenizer(workdir: str, config, out_dir: str, *, use_ema: bool = True, step: int | None = None) -> str:
   """Writes the (EMA) tokenizer of a training run in `workdir` as a tokenizer directory (like `convert`)."""
-  import os
-
   from himar_jax.convert.tokenizers import save_tokenizer
   from himar_jax.train import checkpoint as ckpt_lib
 
