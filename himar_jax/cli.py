@@ -23,7 +23,17 @@ VERBS = {
     "quickstart": "himar_jax.cli:quickstart_verb",
     "convert": "himar_jax.convert.tokenizers:convert_verb",
     "cache-latents": "himar_jax.data.latent_cache:cache_latents_verb",
+    "evaluate": "himar_jax.evaluation.evaluate:evaluate_verb",
 }
+
+# evaluate
+flags.DEFINE_string("checkpoint", None, "evaluate: checkpoints folder of a training run (default "
+                    "<workdir>/checkpoints).")
+flags.DEFINE_integer("num", None, "evaluate: number of samples (default 50 per class).")
+flags.DEFINE_string("ref", None, "evaluate: reference batch .npz (ADM format; Fashion-MNIST default: test split).")
+flags.DEFINE_string("out", None, "evaluate: output folder for chunks, sample batch, metrics (default <workdir>/eval).")
+flags.DEFINE_string("inception_weights", None, "evaluate: pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
+                    "(default $HIMAR_JAX_INCEPTION_WEIGHTS).")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/quickstart.py:tiny.",
                                           lock_config=True)
