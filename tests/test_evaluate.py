@@ -141,3 +141,34 @@ def test_inception_scoring_against_an_adm_reference(tmp_path):
                        extractor=fake)
   with pytest.raises(ValueError, match="--ref"):
     ev.score_inception(samples, ref=None, weights=None, out_dir=str(tmp_path), extractor=fake)
+
+
+def test_reference_from_sources(fake_fashion_mnist, tmp_path):
+  path = ev.make_reference(f"fashion_mnist:test:{fake_fashion_mnist}", str(tmp_path / "fm.npz"), features="fmnist")
+  ref = metrics.read_reference(path, feature_dim=fc.FEATURE_DIM)
+  test_images = fashion_mnist.load(fake_fashion_mnist, "test")[0]
+  _, feats = fc.Classifier()(test_images)
+  assert ref.feature_extractor == fc.FEATURE_EXTRACTOR and ref.images.shape == (50, 28, 28, 1)
+  np.testing.assert_allclose(ref.stats.mu, feats.mean(0), rtol=1e-12)
+  # scoring against the written reference equals scoring against the split itself
+  samples = np.pad(test_images[:20], ((0, 0), (2, 2), (2, 2)))[..., None]
+  labels = np.arange(20) % 10
+  a = ev.score_fashion_mnist(samples, labels, ref=path, data_path=fake_fashion_mnist)
+  b = ev.score_fashion_mnist(samples, labels, ref=None, data_path=fake_fashion_mnist)
+  assert a == pytest.approx(b, rel=1e-9)
+  padded = ev.load_image_source(f"fashion_mnist:test:{fake_fashion_mnist}", image_size=32, limit=3)
+  np.testing.assert_array_equal(padded[:, 2:30, 2:30, 0], test_images[:3])
+  # a folder: ADM's centre crop keeps the middle of a wide image
+  from PIL import Image
+  folder = tmp_path / "images"
+  folder.mkdir()
+  wide = np.zeros((32, 64, 3), np.uint8)
+  wide[:, :16] = (255, 0, 0)
+  wide[:, 16:48] = (0, 255, 0)
+  wide[:, 48:] = (0, 0, 255)
+  Image.fromarray(wide).save(folder / "a.png")
+  images = ev.load_image_source(str(folder), image_size=16)
+  assert images.shape == (1, 16, 16, 3)
+  assert np.all(np.abs(images[0].astype(int) - (0, 255, 0)) <= 2)
+  with pytest.raises(FileNotFoundError, match="neither fashion_mnist"):
+    ev.load_image_source(str(tmp_path / "nowhere"), image_size=16)

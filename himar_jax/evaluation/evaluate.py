@@ -119,7 +119,7 @@ def generate_samples(config, checkpoint_dir: str, out_dir: str, *, num: int, ste
   num_classes = config.model.num_classes
   labels = class_balanced_labels(num, num_classes)
   sample_kwargs = models.family_module(config).sample_kwargs(config)
-  image_shape = (config.data.image_size, config.data.image_size, config.model.channels)
+  image_shape = (config.data.image_size, config.data.image_size, config.model.get("channels", 3))
   is_main = jax.process_index() == 0
   if is_main:
     _check_manifest(out_dir, _manifest(config, step, chunk_size, sample_kwargs))

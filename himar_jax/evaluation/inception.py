@@ -353,7 +353,7 @@ class InceptionFeatures:
   def __init__(self, model: FIDInception, *, batch_size: int = 64, mode: str = "tf", devices=None):
     if mode not in PREPROCESS_MODES:
       raise ValueError(f"preprocess mode {mode!r} is not one of {PREPROCESS_MODES}.")
-    devices = list(devices or jax.devices())
+    devices = list(devices or jax.local_devices())  # process 0 scores alone: only its own devices
     self.mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",))
     self.batch_size = -(-batch_size // len(devices)) * len(devices)
     self.mode = mode
