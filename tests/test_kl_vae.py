@@ -28,13 +28,14 @@ def test_kl16_parameter_count_matches_official():
 def test_tiny_shapes(channels):
   model = _tiny(kl_vae.tiny_config(channels))
   x = jax.random.uniform(jax.random.key(1), (2, 16, 16, channels), minval=-1, maxval=1)
-  post = model.encode(x)
+  # One jit: compiling the three calls together is faster on CPU than dispatching each op eagerly.
+  post, (rec, post2), half = nnx.jit(lambda m, x: (m.encode(x), m(x, jax.random.key(2)), m.encode(x[:, :8, :8])))(
+      model, x)
   assert post.mean.shape == post.logvar.shape == (2, 8, 8, 4)
-  rec, post2 = model(x, jax.random.key(2))
   assert rec.shape == x.shape and rec.dtype == jnp.float32
   np.testing.assert_allclose(post2.mean, post.mean, rtol=1e-6)
   # 128 -> 64-style half-size inputs go through the same (fully convolutional) model.
-  assert model.encode(x[:, :8, :8]).mean.shape == (2, 4, 4, 4)
+  assert half.mean.shape == (2, 4, 4, 4)
 
 
 def test_posterior_clamp_sample_kl_nll():
@@ -107,15 +108,16 @@ def test_training_loss_gan_gradients_split_between_generator_and_discriminator()
   @jax.jit
   def all_grads(p):
     return (jax.grad(total)(p, config.loss.gan_start), jax.grad(lambda q: parts(q)[0])(p),
-            jax.grad(lambda q: parts(q)[1])(p), jax.grad(total)(p, 0))
+            jax.grad(lambda q: parts(q)[1])(p), total(p, 0), parts(p)[0] + config.loss.gan_weight * jnp.mean(
+                nnx.merge(graphdef, p, rest).discriminator(nnx.merge(graphdef, p, rest).tokenizer(x, key)[0])))
 
-  grads, g_gen, g_disc, early = all_grads(params)
+  grads, g_gen, g_disc, loss_before_gan, rec_plus_kl = all_grads(params)
   for a, b in zip(jax.tree.leaves(grads["tokenizer"]), jax.tree.leaves(g_gen["tokenizer"])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
   for a, b in zip(jax.tree.leaves(grads["discriminator"]), jax.tree.leaves(g_disc["discriminator"])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
-  # Before gan_start neither GAN term contributes: the discriminator receives no gradient.
-  assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(early["discriminator"]))
+  # Before gan_start neither GAN term contributes: the loss is reconstruction + KL alone.
+  np.testing.assert_allclose(loss_before_gan, rec_plus_kl, rtol=1e-5)
 
 
 def test_training_uses_lpips_when_weights_are_given(tmp_path):

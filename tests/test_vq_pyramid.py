@@ -132,11 +132,10 @@ def test_usage_ema_and_percent():
 def test_model_shapes_and_errors():
   model = tokenizers.build("vq_pyramid", vq.tiny_config(1), host_init=True)
   x = jax.random.uniform(jax.random.key(0), (2, 16, 16, 1), minval=-1, maxval=1)
-  idx = model.img_to_indices(x)
+  idx, img, (rec, out) = nnx.jit(lambda m, x: (m.img_to_indices(x), m.indices_to_img(m.img_to_indices(x)), m(x)))(
+      model, x)
   assert [i.shape[1] for i in idx] == [1, 4, 9, 16, 36, 64]
-  img = model.indices_to_img(idx)
   assert img.shape == x.shape and float(jnp.abs(img).max()) <= 1.0
-  rec, out = model(x)
   assert rec.shape == x.shape and out.loss.shape == ()
   with pytest.raises(ValueError, match="does not match the last patch_num"):
     model.img_to_indices(jnp.zeros((1, 8, 8, 1)))
