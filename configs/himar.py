@@ -81,6 +81,7 @@ def get_config(variant: str = "himar_b") -> ml_collections.ConfigDict:
     raise ValueError(f"unknown variant {variant!r}; use one of himar_b, himar_l, himar_h, mar_b, mar_l, mar_h, "
                      "himar_tiny, mar_tiny.")
   c.model = _model(family, "b" if size == "tiny" else size)
+  c.convert = ml_collections.ConfigDict({"src": ""})  # official checkpoint-last.pth for `convert`
   c.data.source = "latent_cache"
   c.data.cache_dir = ""          # a `cache-latents` output directory
   c.data.image_size = 256

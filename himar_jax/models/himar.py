@@ -457,9 +457,9 @@ class HiMAR(MAR):
       out = jnp.where(null_all[:, None, None], null, out)
     return out
 
-  def losses(self, batch, draws, rngs=None):
+  def losses(self, batch, draws, rngs=None, *, return_z: bool = False):
     """(phase-1 MLP-head loss, phase-2 DiT-head loss) for given draws (the official forward returns 2.0 x and
-    0.75 x these)."""
+    0.75 x these); with return_z also the heads' conditions (z_low (B, P, Dd), z_dense (B, N, Dd))."""
     dense, low = self._tokens(batch)
     labels = batch["label"]
     b, p, n, mul = dense.shape[0], self.prefix_tokens, self.num_tokens, self.diffusion_batch_mul
@@ -484,6 +484,8 @@ class HiMAR(MAR):
     loss_dense = heads.dit_head_loss(self.dit_head, diffusion, jnp.tile(dense, (mul, 1, 1)),
                                      jnp.tile(z_dense, (mul, 1, 1)), jnp.tile(mask_dense, (mul, 1)),
                                      t=draws["t_dense"], noise=draws["noise_dense"])
+    if return_z:
+      return loss_low, loss_dense, (z_low, z_dense)
     return loss_low, loss_dense
 
   def train_loss(self, batch, *, key, step=None):
