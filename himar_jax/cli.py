@@ -38,6 +38,11 @@ flags.DEFINE_string("inception_weights", None, "evaluate: pytorch-fid's pt_incep
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/quickstart.py:tiny.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for a multi-process job "
+                                   "(else HIMAR_COORDINATOR_ADDRESS, SLURM or TPU-pod detection).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process job.")
+_INIT_TIMEOUT = flags.DEFINE_integer("distributed_timeout", 300, "Seconds to wait for all processes to join.")
 
 
 def _require_config(verb: str):
@@ -113,6 +118,9 @@ def _main(argv) -> int:
     raise app.UsageError(f"usage: python -m himar_jax <verb> [flags]; verb one of {sorted(VERBS)}, got "
                          f"{verbs or 'none'}.")
   _quiet_library_logs()
+  if verbs[0] not in ("info", "convert"):  # every verb that computes joins a multi-process job
+    from himar_jax.parallel import distributed
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _INIT_TIMEOUT.value)
   return _resolve(verbs[0])(flags.FLAGS)
 
 

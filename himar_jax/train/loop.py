@@ -77,7 +77,9 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> TrainState:
   step_fn = make_train_step(setup, config.optim.ema_decay)
 
   is_main = jax.process_index() == 0
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main, asynchronous=True)
+  # Only process 0 writes TensorBoard events and console metrics; the others get a writer that drops them.
+  writer = (metric_writers.create_default_writer(workdir, asynchronous=True) if is_main
+            else metric_writers.MultiWriter([]))
   if start == 0:
     writer.write_hparams({k: v for k, v in config_lib.flatten(config).items()
                           if isinstance(v, (int, float, str, bool))})
