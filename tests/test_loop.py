@@ -97,6 +97,15 @@ def test_invalid_model_values_are_named(fake_fashion_mnist, tmp_path):
     loop.train(config, str(tmp_path / "w"))
 
 
+def test_batch_not_divisible_by_data_axes_is_named(fake_fashion_mnist, tmp_path):
+  config = tiny_config(fake_fashion_mnist, **{"data.global_batch_size": 12, "mesh.shape": (2, 4, 1)})
+  with pytest.raises(ValueError, match=r"global_batch_size=12 is not divisible by the data-parallel size 8"):
+    loop.train(config, str(tmp_path / "w"))
+  config = tiny_config(fake_fashion_mnist, **{"mesh.shape": (3, -1, 1)})
+  with pytest.raises(ValueError, match=r"8 devices are not divisible"):
+    loop.train(config, str(tmp_path / "w"))
+
+
 def test_missing_dataset_stops_train_with_install_hint(tmp_path):
   config = tiny_config(str(tmp_path / "missing"))
   with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):

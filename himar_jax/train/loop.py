@@ -61,6 +61,11 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> TrainState:
   config_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
   mesh = mesh_lib.mesh_from_config(config)
+  dp = sharding_lib.data_parallel_size(mesh)
+  if config.data.global_batch_size % dp:
+    raise ValueError(f"config.data.global_batch_size={config.data.global_batch_size} is not divisible by the "
+                     f"data-parallel size {dp} (mesh data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}); "
+                     f"use a multiple of {dp} or change config.mesh.shape.")
   num_steps = int(config.train.num_steps)
   setup = make_train_setup(models.model_fn(config), make_optimizer(config, num_steps), mesh)
   data_iter = data.make_train_iterator(config)
