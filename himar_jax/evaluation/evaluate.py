@@ -40,7 +40,7 @@ from himar_jax.evaluation import metrics as metrics_lib
 log = logging.getLogger(__name__)
 
 DEFAULT_PER_CLASS = 50
-DEFAULT_CHUNK_SIZE = 1000
+DEFAULT_CHUNK_SIZE = 5000   # sampling.sample_batches compiles once per call, so few large chunks
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -245,12 +245,25 @@ def uses_fashion_mnist_classifier(config) -> bool:
   return config.data.get("source", "") == "fashion_mnist"
 
 
+def _log_scalars(out_dir: str, step: int, scores: dict) -> None:
+  """CLU's default writer (TensorBoard in out_dir + log lines); without clu installed, log lines only."""
+  try:
+    from clu import metric_writers
+  except ImportError:
+    log.warning("clu is not installed: eval scalars go to the log and metrics.json only")
+    log.info("eval step %d: %s", step, scores)
+    return
+  writer = metric_writers.create_default_writer(out_dir, just_logging=False)
+  writer.write_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
+  writer.flush()
+  writer.close()
+
+
 def evaluate(config, checkpoint_dir: str, out_dir: str, *, num: int | None = None, ref: str | None = None,
              inception_weights: str | None = None, step: int | None = None,
              chunk_size: int = DEFAULT_CHUNK_SIZE, progress: bool = True) -> dict:
   """Samples, writes the ADM batch, scores, logs; returns the JSON summary (also at <out_dir>/metrics.json)."""
   import jax
-  from clu import metric_writers
 
   from himar_jax.train import checkpoint as ckpt_lib
 
@@ -283,10 +296,7 @@ def evaluate(config, checkpoint_dir: str, out_dir: str, *, num: int | None = Non
              "feature_extractor": "fmnist_cnn_v1" if fmnist else "inception_2015_12_05",
              "sample_batch": batch_path, "sample_seconds": round(sample_seconds, 2),
              "total_seconds": round(time.time() - t0, 2), "devices": jax.device_count()}
-  writer = metric_writers.create_default_writer(out_dir, just_logging=False)
-  writer.write_scalars(int(step), {f"eval/{k}": v for k, v in scores.items()})
-  writer.flush()
-  writer.close()
+  _log_scalars(out_dir, int(step), scores)
   path = os.path.join(out_dir, "metrics.json")
   with open(path + ".tmp", "w") as f:
     json.dump(summary, f, indent=2)
