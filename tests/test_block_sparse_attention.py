@@ -211,6 +211,8 @@ def test_bad_inputs_raise_with_the_fix():
   q = jnp.zeros((1, 85, 2, 64))
   with pytest.raises(ValueError, match="implementation='cuda'"):
     block_sparse_attention(q, q, q, layout, implementation="cuda")
+  with pytest.raises(ValueError, match="block_k=48 must be a power of two"):
+    block_sparse_attention(q, q, q, layout, implementation="pallas_gpu", interpret=True, block_k=48)
   with pytest.raises(TypeError, match="ScaleLayout.from_patch_nums"):
     block_sparse_attention(q, q, q, np.ones((85, 85), bool))
   with pytest.raises(ValueError, match="not both"):
