@@ -129,7 +129,7 @@ def generate_samples(config, checkpoint_dir: str, out_dir: str, *, num: int, ste
              for c, s in enumerate(starts)]
   todo = _broadcast_mask(np.array([r is not None for r in reasons]))
   for c in np.flatnonzero(todo):
-    if os.path.exists(_chunk_path(out_dir, c)):
+    if is_main and os.path.exists(_chunk_path(out_dir, c)):
       log.warning("regenerating %s: %s", _chunk_path(out_dir, c), reasons[c])
   log.info("%d of %d chunks already done in %s", len(starts) - int(todo.sum()), len(starts), out_dir)
 
