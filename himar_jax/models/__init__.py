@@ -10,6 +10,7 @@ FAMILIES = {
     "himar": "himar_jax.models.himar",  # Hi-MAR on KL-16 VAE latents + half-size pivots (configs/himar.py)
     "kl_vae": "himar_jax.tokenizers.training",  # tokenizer training (configs/kl_vae.py)
     "vq_pyramid": "himar_jax.tokenizers.training",  # tokenizer training (configs/vq_pyramid.py)
+    "next_scale": "himar_jax.models.next_scale",  # VAR / HMAR on VQ-pyramid tokens (configs/next_scale.py)
 }
 
 
