@@ -93,6 +93,19 @@ def test_evaluate_verb_defaults_and_errors(trained, tmp_path):
   assert ev.evaluate_verb(flags) == 0
   with open(os.path.join(os.path.dirname(ckpt), "eval", "metrics.json")) as f:
     assert json.load(f)["num_samples"] == 10
+  # a non-Fashion-MNIST config is scored with Inception: missing weights / reference stop before any sampling
+  other = config.copy_and_resolve_references()
+  other.data.source = "imagenet"
+  out = str(tmp_path / "inception_eval")
+  with pytest.MonkeyPatch.context() as mp:
+    mp.delenv("HIMAR_JAX_INCEPTION_WEIGHTS", raising=False)
+    with pytest.raises(FileNotFoundError, match="HIMAR_JAX_INCEPTION_WEIGHTS"):
+      ev.evaluate(other, ckpt, out, num=10, progress=False)
+  weights = tmp_path / "w.pth"
+  weights.write_bytes(b"")
+  with pytest.raises(ValueError, match="--ref"):
+    ev.evaluate(other, ckpt, out, num=10, inception_weights=str(weights), progress=False)
+  assert not os.path.exists(out)
   # through the CLI: the verb is registered and its flags exist; a missing checkpoint is named
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   run = subprocess.run([sys.executable, "-m", "himar_jax", "evaluate", "--config=configs/quickstart.py:tiny",
