@@ -48,15 +48,20 @@ def test_kl_vae_parity_with_official():
   report = conv.load_state_dict(model, sd)
   assert report.missing == [] and report.unexpected == []
   x = jnp.asarray(nhwc(data["x"]))
-  moments = model.encode_moments(x)
+
+  @nnx.jit
+  def run(m, x, noise, z_ref):
+    moments = m.encode_moments(x)
+    post = m.encode(x)
+    return moments, post, post.sample(None, noise=noise), post.kl(), m.decode(z_ref)
+
+  moments, post, z, kl, rec = run(model, x, jnp.asarray(nhwc(data["noise"])), jnp.asarray(nhwc(data["z"])))
   assert_rel(moments, nhwc(data["moments"]))
-  post = model.encode(x)
   assert_rel(post.mean, nhwc(data["mean"]))
   assert_rel(post.logvar, nhwc(data["logvar"]))
-  z = post.sample(None, noise=jnp.asarray(nhwc(data["noise"])))
   assert_rel(z, nhwc(data["z"]))
-  assert_rel(post.kl(), data["kl"])
-  assert_rel(model.decode(jnp.asarray(nhwc(data["z"]))), nhwc(data["rec"]))
+  assert_rel(kl, data["kl"])
+  assert_rel(rec, nhwc(data["rec"]))
 
 
 def test_vq_pyramid_parity_with_official():
@@ -65,18 +70,23 @@ def test_vq_pyramid_parity_with_official():
   report = conv.load_state_dict(model, sd)
   assert report.missing == [] and report.unexpected == []
   x = jnp.asarray(nhwc(data["x"]))
-  f = model.encode_f(x)
-  assert_rel(f, nhwc(data["f"]))
   f_ref = jnp.asarray(nhwc(data["f"]))  # quantize the official f so index parity is tested on equal inputs
-  idx = model.quantize.f_to_indices(f_ref)
+  want_idx = [jnp.asarray(i) for i in _seq(data, "idx")]
+
+  @nnx.jit
+  def run(m, x, f_ref, want_idx):
+    return (m.encode_f(x), m.quantize.f_to_indices(f_ref), m.quantize.f_to_fhats(f_ref),
+            m.quantize.next_scale_inputs(want_idx), m.indices_to_img(want_idx), m.decode_unclamped(f_ref))
+
+  f, idx, fhats, inputs, img, dec = run(model, x, f_ref, want_idx)
+  assert_rel(f, nhwc(data["f"]))
   for got, want in zip(idx, _seq(data, "idx"), strict=True):
     np.testing.assert_array_equal(np.asarray(got), want)
-  for got, want in zip(model.quantize.f_to_fhats(f_ref), _seq(data, "fhat"), strict=True):
+  for got, want in zip(fhats, _seq(data, "fhat"), strict=True):
     assert_rel(got, nhwc(want))
-  want_idx = [jnp.asarray(i) for i in _seq(data, "idx")]
-  assert_rel(model.quantize.next_scale_inputs(want_idx), data["next_scale_inputs"])
-  assert_rel(model.indices_to_img(want_idx), nhwc(data["img"]))
-  assert_rel(model.decode_unclamped(f_ref), nhwc(data["dec_of_f"]))
+  assert_rel(inputs, data["next_scale_inputs"])
+  assert_rel(img, nhwc(data["img"]))
+  assert_rel(dec, nhwc(data["dec_of_f"]))
 
 
 def test_vq_training_forward_parity_loss_and_gradients():
@@ -85,16 +95,16 @@ def test_vq_training_forward_parity_loss_and_gradients():
   conv.load_state_dict(model, sd)
   q = model.quantize
   f, g = jnp.asarray(nhwc(data["f"])), jnp.asarray(nhwc(data["train/g"]))
-  out = q(f)
-  assert_rel(out.f_hat, nhwc(data["train/f_hat"]))
-  assert_rel(out.loss, data["train/loss"])
   graphdef, params, rest = nnx.split(q, nnx.Param, ...)
 
   def objective(p, f):
     o = nnx.merge(graphdef, p, rest)(f)
     return o.loss + jnp.sum(o.f_hat * g)
 
-  grad_p, grad_f = jax.grad(objective, argnums=(0, 1))(params, f)
+  out, (grad_p, grad_f) = jax.jit(lambda p, f: (nnx.merge(graphdef, p, rest)(f),
+                                                jax.grad(objective, argnums=(0, 1))(p, f)))(params, f)
+  assert_rel(out.f_hat, nhwc(data["train/f_hat"]))
+  assert_rel(out.loss, data["train/loss"])
   assert_rel(grad_f, nhwc(data["train/grad_f"]))
   assert_rel(grad_p["embedding"]["embedding"][...], data["train/grad_embedding"])
   for k in (0, 3):

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from himar_jax import tokenizers
 from himar_jax.convert import tokenizers as conv
@@ -55,9 +56,10 @@ def test_kl_cache_records_equal_direct_encodes(kl_cache):
   assert len(cache) == N
   images = np.stack([source[i][0] for i in range(N)]).astype(np.float32) / 127.5 - 1
   x = jnp.asarray(images)
-  want = {"moments": model.encode_moments(x), "moments_flip": model.encode_moments(x[:, :, ::-1]),
-          "small_moments": model.encode_moments(pivot_downsample(x)),
-          "small_moments_flip": model.encode_moments(pivot_downsample(x[:, :, ::-1]))}
+  want = nnx.jit(lambda m, x: {
+      "moments": m.encode_moments(x), "moments_flip": m.encode_moments(x[:, :, ::-1]),
+      "small_moments": m.encode_moments(pivot_downsample(x)),
+      "small_moments_flip": m.encode_moments(pivot_downsample(x[:, :, ::-1]))})(model, x)
   for i in (0, 5, 9):
     rec = cache[i]
     assert rec["index"] == i and rec["label"] == source[i][1]
@@ -172,8 +174,8 @@ def test_vq_cache_holds_per_scale_indices(tmp_path):
   assert meta["complete"] and meta["pivot_size"] is None
   cache = lp.LatentCacheSource(str(tmp_path / "cache"))
   x = jnp.asarray(np.stack([source[i][0] for i in range(5)]).astype(np.float32) / 127.5 - 1)
-  want = np.concatenate([np.asarray(i) for i in model.img_to_indices(x)], 1)
-  want_flip = np.concatenate([np.asarray(i) for i in model.img_to_indices(x[:, :, ::-1])], 1)
+  both = nnx.jit(lambda m, x: jnp.concatenate(m.img_to_indices(x), 1))(model, jnp.concatenate([x, x[:, :, ::-1]]))
+  want, want_flip = np.asarray(both[:5]), np.asarray(both[5:])
   assert cache[0]["indices"].dtype == np.int16 and cache[0]["indices"].shape == (model.config.seq_len,)
   for i in range(5):
     np.testing.assert_array_equal(cache[i]["indices"], want[i])

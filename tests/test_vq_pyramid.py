@@ -69,24 +69,29 @@ def test_quantizer_matches_float64_numpy_loop_with_identity_phi():
 def test_fhat_paths_agree_and_inputs_are_area_of_fhat():
   q = _quantizer()
   f = jax.random.normal(jax.random.key(0), (2, 6, 6, 8)) * 0.05
-  idx = q.f_to_indices(f)
+
+  @nnx.jit
+  def paths(q, f):
+    idx = q.f_to_indices(f)
+    # Incremental inference, scale by scale.
+    f_hat, pieces = jnp.zeros((2, 6, 6, 8)), []
+    for k, pn in enumerate((1, 2, 3, 5, 6)):
+      f_hat, nxt = q.next_autoregressive_input(k, f_hat, q.embed(idx[k], (pn, pn)))
+      if k < 4:
+        pieces.append(nxt.reshape(2, -1, 8))
+    return idx, q.f_to_fhats(f), q.indices_to_fhats(idx), q.next_scale_inputs(idx), pieces, f_hat
+
+  idx, fhats, fhats2, inputs, pieces, f_hat = paths(q, f)
   assert [i.shape for i in idx] == [(2, 1), (2, 4), (2, 9), (2, 25), (2, 36)]
   assert all(i.dtype == jnp.int32 for i in idx)
-  fhats = q.f_to_fhats(f)
-  fhats2 = q.indices_to_fhats(idx)
   for a, b in zip(fhats, fhats2):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  inputs = q.next_scale_inputs(idx)
   assert inputs.shape == (2, 4 + 9 + 25 + 36, 8)
-  want = jnp.concatenate([resize.area(fh, pn).reshape(2, -1, 8) for fh, pn in zip(fhats[:-1], (2, 3, 5, 6))], 1)
+  want = np.concatenate([np.einsum("oh,bhwc,pw->bopc", resize.area_matrix(6, pn), np.asarray(fh),
+                                   resize.area_matrix(6, pn)).reshape(2, -1, 8)
+                         for fh, pn in zip(fhats[:-1], (2, 3, 5, 6))], 1)
   np.testing.assert_allclose(inputs, want, rtol=1e-5, atol=1e-6)
   # Incremental inference reproduces both the teacher-forcing inputs and the final f_hat.
-  f_hat = jnp.zeros((2, 6, 6, 8))
-  pieces = []
-  for k, pn in enumerate((1, 2, 3, 5, 6)):
-    f_hat, nxt = q.next_autoregressive_input(k, f_hat, q.embed(idx[k], (pn, pn)))
-    if k < 4:
-      pieces.append(nxt.reshape(2, -1, 8))
   np.testing.assert_allclose(jnp.concatenate(pieces, 1), inputs, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(f_hat, fhats[-1], rtol=1e-5, atol=1e-6)
 
@@ -94,8 +99,16 @@ def test_fhat_paths_agree_and_inputs_are_area_of_fhat():
 def test_training_forward_loss_straight_through_and_hits():
   q = _quantizer()
   f = jax.random.normal(jax.random.key(1), (2, 6, 6, 8)) * 0.05
-  out = q(f)
-  fhats = q.f_to_fhats(f)
+  g = jax.random.normal(jax.random.key(2), f.shape)
+  graphdef, params, rest = nnx.split(q, nnx.Param, ...)
+
+  @jax.jit
+  def run(params, f):
+    m = lambda p: nnx.merge(graphdef, p, rest)
+    return (m(params)(f), m(params).f_to_fhats(f), jax.grad(lambda x: jnp.sum(m(params)(x).f_hat * g))(f),
+            jax.grad(lambda x: m(params)(x).loss)(f), jax.grad(lambda p: m(p)(f).loss)(params))
+
+  out, fhats, grad_st, grad_loss, grads = run(params, f)
   np.testing.assert_allclose(out.f_hat, fhats[-1], rtol=1e-5, atol=1e-6)
   want = np.mean([1.25 * np.mean((np.asarray(fh) - np.asarray(f)) ** 2) for fh in fhats])
   np.testing.assert_allclose(out.loss, want, rtol=1e-5)
@@ -103,15 +116,10 @@ def test_training_forward_loss_straight_through_and_hits():
   for k, idx in enumerate(out.indices):
     np.testing.assert_array_equal(out.hits[k], np.bincount(np.asarray(idx).ravel(), minlength=64))
   # Straight-through: d<f_hat, g>/df = g; commitment gradient: beta * 2 (f - f_hat_k) / N averaged over scales.
-  g = jax.random.normal(jax.random.key(2), f.shape)
-  grad_st = jax.grad(lambda x: jnp.sum(q(x).f_hat * g))(f)
   np.testing.assert_allclose(grad_st, g, rtol=1e-5, atol=1e-6)
-  grad_loss = jax.grad(lambda x: q(x).loss)(f)
   want_grad = np.mean([0.25 * 2 * (np.asarray(f) - np.asarray(fh)) / f.size for fh in fhats], axis=0)
   np.testing.assert_allclose(grad_loss, want_grad, rtol=1e-4, atol=1e-9)
   # The codebook term trains the embedding and the phi convs.
-  graphdef, params, rest = nnx.split(q, nnx.Param, ...)
-  grads = jax.grad(lambda p: nnx.merge(graphdef, p, rest)(f).loss)(params)
   assert float(jnp.abs(grads["embedding"]["embedding"][...]).sum()) > 0
   assert float(jnp.abs(grads["phi"][0]["conv"]["kernel"][...]).sum()) > 0
 
@@ -132,13 +140,17 @@ def test_usage_ema_and_percent():
 def test_model_shapes_and_errors():
   model = tokenizers.build("vq_pyramid", vq.tiny_config(1), host_init=True)
   x = jax.random.uniform(jax.random.key(0), (2, 16, 16, 1), minval=-1, maxval=1)
-  idx, img, (rec, out) = nnx.jit(lambda m, x: (m.img_to_indices(x), m.indices_to_img(m.img_to_indices(x)), m(x)))(
-      model, x)
+  def run(m, x):
+    rec, out = m(x)  # the training forward's indices are img_to_indices(x)
+    return rec, out, m.indices_to_img(out.indices)
+
+  rec, out, img = nnx.jit(run)(model, x)
+  idx = list(out.indices)
   assert [i.shape[1] for i in idx] == [1, 4, 9, 16, 36, 64]
   assert img.shape == x.shape and float(jnp.abs(img).max()) <= 1.0
   assert rec.shape == x.shape and out.loss.shape == ()
   with pytest.raises(ValueError, match="does not match the last patch_num"):
-    model.img_to_indices(jnp.zeros((1, 8, 8, 1)))
+    model.quantize.f_to_indices(jnp.zeros((1, 4, 4, 8)))
   with pytest.raises(ValueError, match=r"indices\[1\] must be \(B, 4\)"):
     model.quantize.indices_to_fhat([idx[0], idx[2]] + idx[2:])
   with pytest.raises(ValueError, match="strictly increasing"):
