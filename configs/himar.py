@@ -7,7 +7,8 @@ Variants (`--config=configs/himar.py:<variant>`):
                                 re_cfg 2.7 / 3.5 / 5.5, linear schedules, temperature 1.0.
   mar_b / mar_l / mar_h         MAR (LTH14/mar README): same backbones, MLP head as above; num_iter 256,
                                 cfg 2.9 / 3.0 / 3.2, linear, temperature 1.0.
-  himar_tiny / mar_tiny         CPU-sized models on the same 16x16 (+ 8x8) latent grids, for tests.
+  himar_tiny / mar_tiny         CPU-sized models on the same 16x16 (+ 8x8) latent grids, for tests (the
+                                sizes of the official tiny models in tests/fixtures/make_himar.py).
 
 Parameter counts (`python -m himar_jax info --config=configs/himar.py:<variant>`): MAR-B/L/H equal the official
 207,924,768 / 478,326,304 / 942,403,104. Hi-MAR-B/L/H are the official 244,730,160 / 529,490,480 /
@@ -99,16 +100,16 @@ def get_config(variant: str = "himar_b") -> ml_collections.ConfigDict:
     m = c.model
     m.num_classes = 10
     m.buffer_size = 4
-    m.encoder_dim, m.encoder_depth, m.encoder_heads = 32, 1, 2
-    m.decoder_dim, m.decoder_depth, m.decoder_heads = 32, 1, 2
-    m.head_width, m.head_depth = 32, 1
+    m.encoder_dim, m.encoder_depth, m.encoder_heads = 32, 2, 2
+    m.decoder_dim, m.decoder_depth, m.decoder_heads = 32, 2, 2
+    m.head_width, m.head_depth = 32, 2
     m.diffusion_batch_mul = 1
     m.num_sampling_steps = "4"
     m.dtype = "float32"
     m.num_iter = 2
     if family == "himar":
       m.lowres_grid = 8
-      m.dit_width, m.dit_depth, m.dit_heads = 16, 1, 2
+      m.dit_width, m.dit_depth, m.dit_heads = 16, 2, 2
       m.dit_sampling_steps = "4"
       m.steps_per_epoch = 1
       m.step_warmup_epochs = 2

@@ -4,7 +4,6 @@ import json
 import os
 import sys
 
-import jax
 import numpy as np
 import pytest
 
@@ -39,10 +38,11 @@ def test_every_official_key_converts_with_nothing_left_over(variant):
   assert unexpected == []
   expected_dropped = ["cond_diffloss.net.c_pos_embed", "cond_diffloss.net.pos_embed"] if "himar" in variant else []
   assert sorted(dropped) == expected_dropped
-  abstract = convert.abstract_param_shapes(get_config(variant))
-  convert.check_against(flat, abstract)  # raises on any missing / unexpected / shape mismatch
-  ours = sum(int(np.prod(v.shape)) for v in abstract.values())
-  assert ours == OFFICIAL[variant]["params"] - UNUSED.get(variant, 0)
+  converted = sum(int(np.prod(v.shape)) for v in flat.values())
+  assert converted == OFFICIAL[variant]["params"] - UNUSED.get(variant, 0)
+  if variant.endswith("_b"):  # the model the config builds takes exactly these (L / H: see `info`, slower)
+    abstract = convert.abstract_param_shapes(get_config(variant))
+    convert.check_against(flat, abstract)  # raises on any missing / unexpected / shape mismatch
 
 
 def test_mismatches_are_named():
@@ -84,15 +84,20 @@ def test_checkpoint_file_to_orbax_restores_for_sampling(tmp_path):
               "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4}]}, "epoch": 799,
               "args": argparse.Namespace(model="himar_base", cfg=2.5)}, str(ckpt))
   out = tmp_path / "converted"
-  convert.convert_checkpoint(str(ckpt), str(out), config)
+  # Through the `convert` verb (registered by the tokenizer converter, which hands MAR / Hi-MAR configs over).
+  from types import SimpleNamespace
+
+  from himar_jax.convert.tokenizers import convert_verb
+  config.convert.src = str(ckpt)
+  assert convert_verb(SimpleNamespace(config=config, workdir=str(out))) == 0
+  with pytest.raises(FileExistsError, match="pick an empty --workdir"):
+    convert_verb(SimpleNamespace(config=config, workdir=str(out)))
   restored = sampling.restore_model_for_sampling(config, str(out))
   got = np.asarray(restored.params["encoder_blocks"][1]["attn"]["qkv"]["kernel"])
   np.testing.assert_array_equal(got, ema["encoder_blocks.1.attn.qkv.weight"].T)
   np.testing.assert_array_equal(np.asarray(restored.params["cond_tokens"]), ema["cond_tokens"])
-  model = restored.module()
-  out_latents = model.sample(jax.numpy.asarray([1, 2]), keys=jax.random.split(jax.random.key(0), 2), num_iter=1,
-                             cfg=1.0, re_cfg=1.0, num_sampling_steps="1", dit_sampling_steps="1")
-  assert out_latents.shape == (2, 16, 16, 16) and np.isfinite(np.asarray(out_latents)).all()
+  np.testing.assert_array_equal(np.asarray(restored.params["dit_head"]["c_embedder"]["kernel"]),
+                                ema["cond_diffloss.net.c_embedder.proj.weight"][:, :, 0, 0].T)
 
 
 def test_unreadable_and_missing_checkpoints_are_named(tmp_path):

@@ -63,13 +63,24 @@ def test_himar_phase_losses_match_official(loss_fixture):
                                             "t_dense", "noise_dense")}
   # Both null-pivot branches and both label-drop outcomes occur in the injected flags.
   assert fx["null_pivots"].any() and not fx["null_pivots"].all() and fx["drop_low"].any()
-  loss_low, loss_dense, (z_low, z_dense) = jax.jit(lambda m, b, d: m.losses(b, d, return_z=True))(
-      model, batch, draws)
+  traces = []
+
+  @jax.jit
+  def run(m, b, d):
+    traces.append(1)
+    return m.losses(b, d, return_z=True)
+
+  loss_low, loss_dense, (z_low, z_dense) = run(model, batch, draws)
   # The heads' conditions (the losses alone are weakly sensitive to them at random weights).
   np.testing.assert_allclose(np.asarray(z_low), fx["z_low"], rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(np.asarray(z_dense), fx["z_dense"], rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(float(loss_low) * 2.0, fx["loss1"], rtol=1e-4)
   np.testing.assert_allclose(float(loss_dense) * 0.75, fx["loss2"], rtol=1e-4)
+  # Other mask ratios (any visible-token count) reuse the same compiled step: static shapes.
+  for low, dense in ((45, 1), (64, 256), (52, 100)):
+    out = run(model, batch, dict(draws, num_masked_low=jnp.int32(low), num_masked_dense=jnp.int32(dense)))
+    assert np.isfinite(float(out[0])) and np.isfinite(float(out[1]))
+  assert len(traces) == 1
   # The fixture's epoch gives the official null-pivot probability 1 - rate * epoch / warmup.
   np.testing.assert_allclose(float(model.null_pivot_prob(int(fx["epoch"]))), 0.75, rtol=1e-6)
 
@@ -91,3 +102,72 @@ def test_himar_sampling_matches_official(loss_fixture):
   low, dense = run(model, labels, orders, noise)
   np.testing.assert_allclose(np.asarray(low), sx["lowres"], rtol=1e-4, atol=1e-4 * np.abs(sx["lowres"]).max())
   np.testing.assert_allclose(np.asarray(dense), sx["dense"], rtol=1e-4, atol=1e-4 * np.abs(sx["dense"]).max())
+
+
+def test_mar_loss_matches_official():
+  fx = _fixture("mar_loss.npz")
+  cfg = {k[4:]: v.item() for k, v in fx.items() if k.startswith("cfg/")}
+  c = get_config("mar_tiny")
+  m = c.model
+  m.num_classes, m.buffer_size, m.diffusion_batch_mul = cfg["class_num"], cfg["buffer_size"], cfg["diffusion_batch_mul"]
+  m.encoder_dim, m.encoder_depth, m.encoder_heads = (cfg["encoder_embed_dim"], cfg["encoder_depth"],
+                                                     cfg["encoder_num_heads"])
+  m.decoder_dim, m.decoder_depth, m.decoder_heads = (cfg["decoder_embed_dim"], cfg["decoder_depth"],
+                                                     cfg["decoder_num_heads"])
+  m.head_width, m.head_depth = cfg["diffloss_w"], cfg["diffloss_d"]
+  model = models.model_fn(c)(nnx.Rngs(0))
+  assert convert.load_into(model, "mar", {k[3:]: v for k, v in fx.items() if k.startswith("sd/")}) == []
+  batch = {"latent": jnp.asarray(fx["latent"]), "label": jnp.asarray(fx["label"], jnp.int32)}
+  draws = {k: jnp.asarray(fx[k]) for k in ("orders", "num_masked", "drop", "t", "noise")}
+  assert fx["drop"].any() and not fx["drop"].all()
+  loss = jax.jit(lambda mm, b, d: mm.losses(b, d))(model, batch, draws)
+  np.testing.assert_allclose(float(loss), fx["loss"], rtol=1e-4)
+
+
+def _official_schedule(n, num_iter, cfg):
+  """The official loop (MAR / Hi-MAR sample_tokens) transcribed: per step the count predicted and cfg_iter."""
+  mask = n
+  counts, scales = [], []
+  for step in range(num_iter):
+    mask_len = np.floor(n * np.cos(np.pi / 2.0 * (step + 1) / num_iter))
+    mask_len = max(1.0, min(mask - 1.0, mask_len))
+    nxt = int(mask_len)
+    counts.append(mask if step >= num_iter - 1 else mask - nxt)
+    scales.append(1 + (cfg - 1) * (n - mask_len) / n)
+    mask = nxt
+  return counts, scales
+
+
+@pytest.mark.parametrize("n,num_iter", [(64, 32), (256, 4), (256, 12), (256, 256), (4, 8)])
+def test_mask_schedule_matches_official_loop(n, num_iter):
+  sched = himar.MaskSchedule(n, num_iter, cfg=2.7)
+  counts, scales = _official_schedule(n, num_iter, 2.7)
+  ours = sched.left - sched.lengths
+  np.testing.assert_array_equal(ours, counts)
+  np.testing.assert_allclose([float(sched.scale(k)) for k in range(num_iter)], scales, rtol=1e-6)
+  assert sched.capacity == max(counts)
+  # Every token is predicted exactly once along a random order.
+  ranks = jnp.asarray(np.random.default_rng(0).permutation(n))[None]
+  hits = sum(np.asarray(sched.masks(ranks, k)[1]).astype(int) for k in range(num_iter))
+  np.testing.assert_array_equal(hits, np.ones((1, n)))
+
+
+def test_null_pivot_schedule_and_bad_inputs():
+  c = get_config("himar_tiny")
+  c.model.step_stage2_rate, c.model.step_warmup_epochs, c.model.steps_per_epoch = 0.25, 4, 10
+  model = nnx.eval_shape(lambda: models.model_fn(c)(nnx.Rngs(0)))
+  # 1 - rate * min(1, epoch / warmup) with the integer epoch step // steps_per_epoch.
+  for step, prob in ((0, 1.0), (9, 1.0), (10, 0.9375), (25, 0.875), (40, 0.75), (1000, 0.75)):
+    np.testing.assert_allclose(float(model.null_pivot_prob(step)), prob, rtol=1e-6)
+  bad = {"latent": jnp.zeros((2, 16, 16, 16)), "latent_small": jnp.zeros((2, 16, 16, 16)),
+         "label": jnp.zeros((2,), jnp.int32)}
+  with pytest.raises(ValueError, match=r"latent_small \(B, 8, 8, 16\)"):
+    model.train_loss(bad, key=jax.random.key(0), step=0)
+  for field, value, message in (("lowres_grid", 5, "must divide grid_size"), ("dit_heads", 3, "dit_width"),
+                                ("cfg_schedule", "cosine", "cfg_schedule"), ("step_stage2_rate", 1.5, "[0, 1]")):
+    bad_config = get_config("himar_tiny")
+    bad_config.model[field] = value
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+      models.model_fn(bad_config)
+  with pytest.raises(ValueError, match="unknown variant 'himar_xl'"):
+    get_config("himar_xl")

@@ -235,26 +235,41 @@ class MAR(nnx.Module):
     return heads.mlp_head_loss(self.diffusion_head, diffusion, target, z_rep, loss_mask, t=t, noise=noise)
 
   # -- training --------------------------------------------------------------------------------------------------
+  def _mar_tokens(self, batch):
+    tokens = batch["tokens"] if "tokens" in batch else patchify(batch["latent"], 1)
+    if tokens.shape[1:] != (self.num_tokens, self.token_dim):
+      raise ValueError(f"MAR takes {self.num_tokens} tokens of {self.token_dim} channels (latent (B, "
+                       f"{math.isqrt(self.num_tokens)}, {math.isqrt(self.num_tokens)}, {self.token_dim})); got "
+                       f"{tokens.shape}.")
+    return tokens.astype(jnp.float32)
+
+  def draw_training(self, key, batch_size: int, step=None) -> dict:
+    """Every random draw of one MAR training step (parity tests inject their own dict)."""
+    del step  # MAR has no step-dependent schedule (Hi-MAR's null-pivot schedule uses it)
+    b, n = batch_size, self.num_tokens
+    k_order, k_ratio, k_drop, k_t, k_noise, k_dropout = jax.random.split(key, 6)
+    rows = self.diffusion_batch_mul * b * n
+    return {"orders": jax.vmap(lambda k: jax.random.permutation(k, n))(jax.random.split(k_order, b)),
+            "num_masked": jnp.ceil(n * mask_ratio_sample(k_ratio, self.mask_ratio_min)).astype(jnp.int32),
+            "drop": jax.random.uniform(k_drop, (b,)) < self.label_drop_prob,
+            "t": jax.random.randint(k_t, (rows,), 0, 1000),
+            "noise": jax.random.normal(k_noise, (rows, self.token_dim), jnp.float32),
+            "dropout": k_dropout}
+
+  def losses(self, batch, draws, rngs=None):
+    """MAR's diffusion loss on the masked tokens for given draws."""
+    tokens = self._mar_tokens(batch)
+    mask = masks_from_orders(draws["orders"], draws["num_masked"])
+    class_emb = self.class_embedding(batch["label"], draws["drop"])
+    z = self.forward_z(tokens, mask, class_emb, self.train_capacity, rngs)
+    return self.mlp_loss(z, tokens, mask, draws["t"], draws["noise"])
+
   def train_loss(self, batch, *, key, step=None):
     """Diffusion loss on masked tokens. batch: 'tokens' (B, N, C) or 'latent' (B, h, w, C); 'label' (B,) int."""
-    del step  # MAR has no step-dependent schedule (Hi-MAR's null-pivot schedule uses it)
-    tokens = batch["tokens"] if "tokens" in batch else patchify(batch["latent"], 1)
-    tokens, labels = tokens.astype(jnp.float32), batch["label"]
-    b, n, c = tokens.shape
-    if n != self.num_tokens or c != self.token_dim:
-      raise ValueError(f"MAR takes {self.num_tokens} tokens of {self.token_dim} channels; got {tokens.shape}.")
-    k_order, k_ratio, k_drop, k_t, k_noise, k_dropout = jax.random.split(key, 6)
-    orders = jax.vmap(lambda k: jax.random.permutation(k, n))(jax.random.split(k_order, b))
-    num_masked = jnp.ceil(n * mask_ratio_sample(k_ratio, self.mask_ratio_min)).astype(jnp.int32)
-    mask = masks_from_orders(orders, num_masked)
-    drop = jax.random.uniform(k_drop, (b,)) < self.label_drop_prob
-    rngs = nnx.Rngs(dropout=k_dropout)
-    z = self.forward_z(tokens, mask, self.class_embedding(labels, drop), self.train_capacity, rngs)
-    rows = self.diffusion_batch_mul * b * n
-    t = jax.random.randint(k_t, (rows,), 0, 1000)
-    noise = jax.random.normal(k_noise, (rows, c), jnp.float32)
-    loss = self.mlp_loss(z, tokens, mask, t, noise)
-    return loss, {"mask_ratio": num_masked.astype(jnp.float32) / n}
+    self._mar_tokens(batch)  # shape errors before any work
+    draws = self.draw_training(key, batch["label"].shape[0], step)
+    loss = self.losses(batch, draws, nnx.Rngs(dropout=draws["dropout"]))
+    return loss, {"mask_ratio": draws["num_masked"].astype(jnp.float32) / self.num_tokens}
 
   # -- sampling --------------------------------------------------------------------------------------------------
   def _sample_positions(self, z, to_pred, *, capacity: int, cfg_scale, keys, step, diffusion, temperature,
@@ -490,8 +505,8 @@ class HiMAR(MAR):
 
   def train_loss(self, batch, *, key, step=None):
     """Weighted two-phase loss. batch: latent (B, 16, 16, C), latent_small (B, 8, 8, C), label (B,)."""
-    b = batch["label"].shape[0]
-    draws = self.draw_training(key, b, step)
+    self._tokens(batch)  # shape errors before any work
+    draws = self.draw_training(key, batch["label"].shape[0], step)
     loss_low, loss_dense = self.losses(batch, draws, nnx.Rngs(dropout=draws["dropout"]))
     w1, w2 = self.phase_loss_weights
     loss = w1 * loss_low + w2 * loss_dense
