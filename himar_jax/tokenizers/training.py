@@ -170,3 +170,45 @@ def export_tokenizer(workdir: str, config, out_dir: str, *, use_ema: bool = True
   rest = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), rest)
   tokenizer = nnx.merge(graphdef, params, rest)
   return save_tokenizer(tokenizer, model.kind, out_dir, source=f"train:{os.path.abspath(workdir)}")
+
+
+def default_config(kind: str, preset: str, small: str = ""):
+  """The config shared by configs/kl_vae.py and configs/vq_pyramid.py: tokenizer, convert, cache and training
+  blocks. small: "" (published size, ImageNet 256 LDM recipe), "fmnist" or "tiny" (Fashion-MNIST, gray, 32 px)."""
+  import ml_collections
+
+  from himar_jax import config_lib
+  from himar_jax.data.latent_cache import default_cache_config
+
+  c = config_lib.trainer_defaults()
+  c.tokenizer = ml_collections.ConfigDict({"preset": preset, "arch": tokenizers.arch_overrides(kind),
+                                           "checkpoint": ""})  # checkpoint: a tokenizer directory
+  c.convert = ml_collections.ConfigDict({"src": "", "strict": False})
+  c.cache = default_cache_config()
+  c.model = ml_collections.ConfigDict({"family": kind, "dtype": "bfloat16"})
+  c.loss = ml_collections.ConfigDict({
+      "reconstruction": "l1", "perceptual_weight": 1.0, "gan_weight": 0.5, "gan_start": 50001,
+      "disc_width": 64, "disc_layers": 3,
+      "lpips_vgg": "", "lpips_lin": ""})  # LPIPS weights: torchvision vgg16 .pth and LPIPS v0.1 vgg.pth
+  # LDM's autoencoder recipe: Adam (0.5, 0.9), lr 4.5e-6 per image of the global batch, no weight decay.
+  c.optim.update(lr=4.5e-6 * 128, b1=0.5, b2=0.9, weight_decay=0.0, warmup_steps=0, grad_clip=0.0, ema_decay=0.999)
+  c.data.update(global_batch_size=128, image_size=256)
+  c.train.update(num_steps=400_000, checkpoint_every=5000, log_every=100)
+  if small not in ("", "fmnist", "tiny"):
+    raise ValueError(f"small={small!r} must be '', 'fmnist' or 'tiny'.")
+  if small:
+    c.tokenizer.arch.ch_mult = (1, 2, 2)  # 32 px -> 8 x 8 latents
+    c.cache = default_cache_config(source="fashion_mnist", image_size=32, pivot_size=16, shard_size=4096,
+                                   batch_size=256)
+    c.model.dtype = "float32"
+    c.loss.update(perceptual_weight=0.0, gan_weight=0.1, gan_start=2000, disc_width=32, disc_layers=2)
+    c.optim.update(lr=1e-3, b1=0.9, b2=0.99, warmup_steps=100, grad_clip=1.0, ema_decay=0.995)
+    c.data.update(image_size=32, global_batch_size=128)
+    c.train.update(num_steps=4000, checkpoint_every=1000, log_every=100)
+  if small == "tiny":
+    c.cache.update(max_examples=64, shard_size=32, batch_size=16, progress=False)
+    c.loss.update(gan_start=2, disc_width=16, disc_layers=1)
+    c.data.update(max_examples=64, global_batch_size=8)
+    c.optim.warmup_steps = 1
+    c.train.update(num_steps=4, checkpoint_every=2, log_every=2, progress_bar=False)
+  return c
