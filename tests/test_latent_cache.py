@@ -209,3 +209,19 @@ def test_config_driven_convert_and_cache_latents(tmp_path):
   config.tokenizer.arch.ch = 64  # a config naming another architecture than the checkpoint holds
   with pytest.raises(lc.CacheError, match="but config.tokenizer names"):
     lc.cache_latents(config)
+
+
+def test_trainer_data_dispatch_reads_the_cache(kl_cache):
+  """config.data.source == 'latent_cache' (configs/himar.py) makes the trainer's iterator the latent pipeline."""
+  from himar_jax import config_lib, data
+  config = config_lib.trainer_defaults()
+  config.data.source = "latent_cache"
+  config.data.cache_dir = str(kl_cache["dir"])
+  config.data.global_batch_size = 4
+  config_lib.validate(config)
+  batch = next(data.make_train_iterator(config))
+  assert set(batch) == {"latent", "latent_small", "label", "index"}
+  assert batch["latent"].shape == (4, 8, 8, 4) and batch["latent_small"].shape == (4, 4, 4, 4)
+  config.data.cache_dir = ""
+  with pytest.raises(ValueError, match="config.data.cache_dir is empty"):
+    data.make_train_iterator(config)

@@ -31,6 +31,9 @@ def train_source(config):
 
 
 def make_train_iterator(config):
+  if config.data.source == "latent_cache":  # `cache-latents` output (himar_jax/data/latent_pipeline.py)
+    from himar_jax.data import latent_pipeline
+    return latent_pipeline.make_train_iterator(config)
   return make_iterator(train_source(config), global_batch_size=config.data.global_batch_size,
                        seed=config.data.shuffle_seed,
                        transform=image_transform(config.data.image_size, config.data.random_flip),
