@@ -1,0 +1,232 @@
+"""VAR / HMAR next-scale Transformers: official parameter counts, teacher-forced parity with the official
+classes (fixtures from tests/fixtures/make_next_scale.py), losses, mask draws, samplers, bad input."""
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from configs.next_scale import get_config
+from himar_jax import models
+from himar_jax.cli import model_info
+from himar_jax.convert import next_scale as convert
+from himar_jax.models import next_scale as ns
+from himar_jax.tokenizers.vq_pyramid import VQPyramidConfig
+from himar_jax.train.optimizer import path_name
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "next_scale")
+OFFICIAL_COUNTS = {
+    "var_d16": 310_283_520, "var_d20": 600_917_136, "var_d24": 1_033_399_360, "var_d30": 2_010_020_356,
+    "hmar_d16": 467_691_904, "hmar_d20": 845_517_872, "hmar_d24": 1_384_328_960, "hmar_d30": 2_556_324_212,
+}
+PN = (1, 2, 3, 4)
+
+
+def tiny(kind, *, depth=None, stage=1, **kw):
+  """The fixture's sizes: width 32, 2 heads, V 16, z 4, patch_nums 1..4, 10 classes, float32."""
+  vq = VQPyramidConfig(vocab_size=16, z_channels=4, patch_nums=PN)
+  depth = depth or (2 if kind == "var" else 3)
+  return ns.NextScaleTransformer(kind=kind, depth=depth, width=32, num_heads=2, num_classes=10, vq_config=vq,
+                                 rngs=nnx.Rngs(0), n_layers_train=1, dtype=jnp.float32, stage=stage,
+                                 attention_implementation="xla",
+                                 loss_weighting="uniform" if kind == "var" else "normal_pdf", **kw)
+
+
+def fixture(name):
+  with np.load(os.path.join(FIXTURES, name)) as f:
+    return {k: f[k] for k in f.files}
+
+
+def loaded(kind, fx):
+  model = tiny(kind)
+  sd = {k[3:]: v for k, v in fx.items() if k.startswith("sd/")}
+  vq = {k[3:]: v for k, v in fx.items() if k.startswith("vq/")}
+  convert.load_into(model, sd, vq)
+  return model
+
+
+def rel_err(a, b):
+  return float(np.max(np.abs(np.asarray(a) - b)) / np.max(np.abs(b)))
+
+
+# ---- sizes -----------------------------------------------------------------------------------------------------
+# d20 / d24 (same code path, only sizes differ) are checked by `info` in the report; CI traces d16 and d30.
+@pytest.mark.parametrize("variant", ["var_d16", "var_d30", "hmar_d16", "hmar_d30"])
+def test_param_counts_equal_official(variant):
+  assert model_info(get_config(variant))["total_params"] == OFFICIAL_COUNTS[variant]
+
+
+def test_tokenizer_weights_are_held_but_not_counted():
+  model = tiny("var")
+  frozen = nnx.state(model, ns.TokenizerWeight)
+  sizes = sum(int(x.size) for x in jax.tree.leaves(frozen))
+  assert sizes == 16 * 4 + 4 * (3 * 3 * 4 * 4 + 4)  # codebook + 4 shared phi convs
+  assert not any("vq" == p[0] for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+
+
+# ---- parity with the official classes ------------------------------------------------------------------------------
+def test_var_teacher_forced_logits_match_official():
+  fx = fixture("var_logits.npz")
+  model = loaded("var", fx)
+  idx = jnp.asarray(fx["indices"])
+  x_in = model.vq.next_scale_inputs(model.split_scales(idx))
+  assert rel_err(x_in, fx["x_in"]) < 1e-5
+  logits = jax.jit(lambda l, x: model.logits(l, x))(jnp.asarray(fx["labels"]), x_in)
+  assert rel_err(logits, fx["logits"]) < 1e-4
+
+
+def test_hmar_both_heads_match_official():
+  fx = fixture("hmar_logits.npz")
+  model = loaded("hmar", fx)
+  idx, labels = jnp.asarray(fx["indices"]), jnp.asarray(fx["labels"])
+  x_ns = model.vq.next_scale_inputs(model.split_scales(idx))
+  x_mask = model.mask_inputs(idx)
+  assert rel_err(x_ns, fx["x_ns"]) < 1e-5 and rel_err(x_mask, fx["x_mask"]) < 1e-5
+  assert rel_err(jax.jit(model.logits)(labels, x_ns), fx["ns_logits"]) < 1e-4
+  masked = np.zeros(x_ns.shape[1], bool)
+  masked[fx["masked"]] = True
+
+  @jax.jit
+  def mask_logits(labels, x_ns, x_mask):
+    word = model.masked_word(x_ns, x_mask, jnp.asarray(masked)[None])
+    return model.logits(labels, x_ns, branch="mask", word=word)
+
+  assert rel_err(mask_logits(labels, x_ns, x_mask), fx["mask_logits"]) < 1e-4
+
+
+# ---- losses -----------------------------------------------------------------------------------------------------
+def test_normal_pdf_scale_shares():
+  shares = ns.normal_pdf_weights(tuple(range(1, 17)))
+  published = [.025, .064, .115, .138, .140, .133, .121, .105, .088, .071]
+  # The issue lists the shares of the 256px patch_nums; the pdf formula gives them at those scales.
+  got = ns.normal_pdf_weights((1, 2, 3, 4, 5, 6, 8, 10, 13, 16))
+  np.testing.assert_allclose(got, published, atol=6e-4)
+  assert math.isclose(float(np.sum(shares)), 1.0, rel_tol=1e-12)
+  w = ns.token_weights((1, 2, 3), "normal_pdf")
+  np.testing.assert_allclose([w[0], w[1:5].sum(), w[5:].sum()], ns.normal_pdf_weights((1, 2, 3)), rtol=1e-6)
+  np.testing.assert_allclose(ns.token_weights((1, 2, 3), "uniform"), np.full(14, 1 / 14), rtol=1e-6)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_var_loss_is_torch_cross_entropy_with_uniform_weights(smoothing):
+  model = tiny("var", cond_drop_prob=0.0, label_smoothing=smoothing)
+  idx = jax.random.randint(jax.random.key(0), (3, 30), 0, 16)
+  labels = jnp.array([0, 4, 9])
+  loss, _ = jax.jit(lambda b: model.train_loss(b, key=jax.random.key(1)))({"indices": idx, "label": labels})
+  logits = model.logits(labels, model.vq.next_scale_inputs(model.split_scales(idx)))
+  ce = torch.nn.functional.cross_entropy(torch.tensor(np.asarray(logits)).reshape(-1, 16),
+                                         torch.tensor(np.asarray(idx)).reshape(-1).long(),
+                                         label_smoothing=smoothing, reduction="none").reshape(3, 30)
+  expected = float((ce / 30).sum(-1).mean())
+  assert math.isclose(float(loss), expected, rel_tol=1e-5)
+
+
+def test_hmar_stage1_loss_uses_normal_pdf_weights():
+  model = tiny("hmar", cond_drop_prob=0.0)
+  idx = jax.random.randint(jax.random.key(2), (2, 30), 0, 16)
+  labels = jnp.array([3, 10])
+  loss, _ = model.train_loss({"indices": idx, "label": labels}, key=jax.random.key(0))
+  logits = model.logits(labels, model.vq.next_scale_inputs(model.split_scales(idx)))
+  ce = -np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), np.asarray(idx)[..., None], -1)[..., 0]
+  expected = np.mean(np.sum(ce * ns.token_weights(PN, "normal_pdf"), -1))
+  assert math.isclose(float(loss), float(expected), rel_tol=1e-5)
+
+
+def test_stage2_mask_draw_counts_and_loss():
+  model = tiny("hmar", stage=2, cond_drop_prob=0.0)
+  for seed in range(3):
+    masked, p = model.draw_stage2_mask(jax.random.key(seed))
+    masked, p = np.asarray(masked), float(p)
+    starts = np.cumsum([0] + [n * n for n in PN[1:]])
+    for k, n in enumerate(PN[1:]):
+      assert masked[starts[k]:starts[k + 1]].sum() == math.ceil(n * n * p)
+  idx = jax.random.randint(jax.random.key(3), (2, 30), 0, 16)
+  labels = jnp.array([1, 2])
+  key = jax.random.key(7)
+  loss, metrics = model.train_loss({"indices": idx, "label": labels}, key=key)
+  masked, _ = model.draw_stage2_mask(jax.random.split(key, 3)[2])
+  x_ns = model.vq.next_scale_inputs(model.split_scales(idx))
+  word = model.masked_word(x_ns, model.mask_inputs(idx), masked[None])
+  logits = model.logits(labels, x_ns, branch="mask", word=word)
+  ce = -np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), np.asarray(idx)[..., None], -1)[..., 0]
+  sel = np.concatenate([[False], np.asarray(masked)])
+  assert math.isclose(float(loss), float(ce[:, sel].mean()), rel_tol=1e-5)
+
+
+def test_stage2_trains_only_the_mask_branch():
+  model = tiny("hmar", stage=2)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  mask = ns.trainable_mask(params, 2)
+  names = {path_name(p) for p, v in jax.tree_util.tree_flatten_with_path(mask)[0] if v}
+  assert names and all(n.split(".")[0] in ("mask_embed", "mask_blocks", "mask_head") for n in names)
+  assert any(n.startswith("mask_blocks.0.attn") for n in names) and "mask_embed" in names
+  assert all(jax.tree.leaves(ns.trainable_mask(params, 1)))
+  ns.init_mask_branch_from_ns(model)
+  np.testing.assert_array_equal(model.mask_blocks[0].ffn.fc1.kernel[...], model.ns_blocks[0].ffn.fc1.kernel[...])
+
+
+# ---- sampling ---------------------------------------------------------------------------------------------------
+def test_filter_top_k_top_p_matches_reference():
+  logits = jax.random.normal(jax.random.key(0), (2, 3, 16)) * 2
+  out = np.asarray(ns.filter_top_k_top_p(logits, 5, 0.8))
+  ref = np.asarray(logits).copy()
+  for row in ref.reshape(-1, 16):
+    row[row < np.sort(row)[-5]] = -np.inf
+    order = np.argsort(row)
+    p = np.exp(row[order] - row.max())
+    cum = np.cumsum(p / p.sum())
+    drop = cum <= 0.2
+    drop[-1] = False
+    row[order[drop]] = -np.inf
+  np.testing.assert_array_equal(out, ref)
+
+
+@pytest.mark.parametrize("kind", ["var", "hmar"])
+def test_greedy_sampling_agrees_with_teacher_forcing(kind):
+  """With top_k=1 and cfg 0 every scale's tokens are the argmax of the teacher-forced logits at the sampled
+  prefix: checks the KV cache (VAR) and the per-scale runs (HMAR) against the full forward."""
+  model = tiny(kind)
+  labels = jnp.array([2, 5])
+  keys = jax.random.split(jax.random.key(0), 2)
+  toks = jax.jit(lambda l, k: model.sample(l, keys=k, cfg=0.0, top_k=1, refine=False))(labels, keys)
+  assert toks.shape == (2, 30) and toks.dtype == jnp.int32
+  logits = model.logits(labels, model.vq.next_scale_inputs(model.split_scales(toks)))
+  np.testing.assert_array_equal(np.asarray(toks), np.asarray(jnp.argmax(logits, -1)))
+
+
+def test_hmar_refinement_rows_follow_their_keys():
+  model = tiny("hmar")
+  keys = jax.random.split(jax.random.key(4), 3)
+  sched = ((1,), (1, 3), (1, 2, 6), (16,))
+  run = jax.jit(lambda l, k: model.sample(l, keys=k, cfg=1.5, top_k=8, top_p=0.9, mask_schedule=sched))
+  forward = np.asarray(run(jnp.array([1, 2, 3]), keys))
+  backward = np.asarray(run(jnp.array([3, 2, 1]), keys[::-1]))
+  np.testing.assert_array_equal(forward, backward[::-1])
+  assert forward.min() >= 0 and forward.max() < 16 and not np.array_equal(forward[0], forward[2])
+
+
+def test_default_schedule_is_14_passes():
+  sched = ns.default_schedule((1, 2, 3, 4, 5, 6, 8, 10, 13, 16))
+  assert sum(len(s) for s in sched) == 14
+  ns.check_schedule(sched, (1, 2, 3, 4, 5, 6, 8, 10, 13, 16))
+  with pytest.raises(ValueError, match="summing to 9"):
+    ns.check_schedule(((1,), (4,), (1, 1)), (1, 2, 3))
+
+
+# ---- bad input ----------------------------------------------------------------------------------------------------
+def test_bad_indices_and_tokenizer_raise():
+  model = tiny("var")
+  with pytest.raises(ValueError, match=r"outside the codebook range \[0, 16\)"):
+    model.train_loss({"indices": jnp.full((1, 30), 16), "label": jnp.zeros(1, int)}, key=jax.random.key(0))
+  with pytest.raises(ValueError, match=r"must be \(B, 30\)"):
+    model.train_loss({"indices": jnp.zeros((1, 29), int), "label": jnp.zeros(1, int)}, key=jax.random.key(0))
+  from himar_jax.tokenizers.vq_pyramid import ResidualQuantizer
+  other = ResidualQuantizer(VQPyramidConfig(vocab_size=32, z_channels=4, patch_nums=PN), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="vocab_size"):
+    ns.load_tokenizer(model, other)
+  with pytest.raises(ValueError, match="unknown variant 'var_d16_1024'"):
+    get_config("var_d16_1024")
