@@ -52,6 +52,7 @@ def _model(kind: str, depth: int, resolution: int) -> ml_collections.ConfigDict:
   m.quant_resi = 0.5
   m.share_quant_resi = 4
   m.patch_nums = PATCH_NUMS[resolution]
+  m.tokenizer = ""               # vae_ch160v4096z32.pth or a converted tokenizer dir (codebook + phi for the model)
   m.cond_drop_prob = 0.1
   m.drop_path_rate = 0.1 * depth / 24
   m.init_adaln = 0.5
@@ -86,7 +87,7 @@ def get_config(variant: str = "var_d16") -> ml_collections.ConfigDict:
   if "stage2" in extras:
     c.model.stage = 2
     c.model.loss_weighting = "uniform"  # unused: stage 2 averages over the masked tokens
-  c.convert = ml_collections.ConfigDict({"src": "", "tokenizer": ""})  # var_d*.pth / hmar-d*.pth; vae .pth
+  c.convert = ml_collections.ConfigDict({"src": ""})  # var_d*.pth / hmar-d*.pth (plus config.model.tokenizer)
   c.data.source = "token_cache"
   c.data.image_size = resolution
   c.data.global_batch_size = 1024 if depth >= 30 else 768

@@ -16,6 +16,7 @@ for the model's frozen `vq` (config.convert.tokenizer).
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Mapping
@@ -163,3 +164,76 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     raise FileNotFoundError(f"checkpoint {path!r} does not exist; download var_d16.pth (FoundationVision/var on "
                             "Hugging Face) or hmar-d16.pth (nvidia/HMAR) and pass its path.")
   return load_torch_state_dict(path)
+
+
+@functools.lru_cache(maxsize=2)
+def read_tokenizer(path: str) -> dict:
+  """Codebook / phi arrays for model.vq from a converted tokenizer directory (`convert` with configs/vq_pyramid.py)
+  or an official VQ-VAE file (vae_ch160v4096z32.pth). Cached: builds under eval_shape and jit read it once."""
+  if os.path.isdir(path):
+    from flax import nnx
+
+    from himar_jax.convert.tokenizers import load_tokenizer
+    tok, _ = load_tokenizer(path)
+    quant = getattr(tok, "quantize", None)
+    if quant is None:
+      raise ValueError(f"{path!r} holds a {type(tok).__name__}, not a VQ pyramid; convert "
+                       "vae_ch160v4096z32.pth with configs/vq_pyramid.py.")
+    return {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(quant, nnx.Param))}
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"tokenizer {path!r} does not exist; pass vae_ch160v4096z32.pth or a converted "
+                            "tokenizer directory as config.model.tokenizer.")
+  return tokenizer_arrays(load_torch_state_dict(path))
+
+
+def write_orbax(out_dir: str, params: dict, buffers: dict, *, step: int = 0) -> str:
+  """<out_dir>/<step>/state with params = ema_params (the official files hold one set), buffers and step."""
+  import jax.numpy as jnp
+  import orbax.checkpoint as ocp
+
+  state_dir = os.path.join(os.path.abspath(out_dir), str(step), "state")
+  if os.path.exists(state_dir):
+    raise FileExistsError(f"{state_dir!r} exists; pick an empty --workdir for the converted checkpoint.")
+  to_jnp = lambda tree: {k: to_jnp(v) if isinstance(v, dict) else jnp.asarray(v) for k, v in tree.items()}
+  state = {"params": to_jnp(params), "ema_params": to_jnp(params), "buffers": to_jnp(buffers),
+           "step": jnp.asarray(step, jnp.int32)}
+  with ocp.PyTreeCheckpointer() as ckptr:
+    ckptr.save(state_dir, state)
+  return state_dir
+
+
+def convert_checkpoint(src: str, out_dir: str, config) -> str:
+  """Official var_d*.pth / hmar-d*.pth + the tokenizer (config.model.tokenizer) -> an orbax checkpoint that
+  `sample --checkpoint=OUT` restores."""
+  from flax import nnx
+
+  from himar_jax import models
+  if not config.model.get("tokenizer", ""):
+    raise ValueError("config.model.tokenizer is empty; pass --config.model.tokenizer=vae_ch160v4096z32.pth (or a "
+                     "converted tokenizer directory): the sampler needs the codebook and phi convs.")
+  params = convert_for_config(config, read_state_dict(src), what=src)
+  model = nnx.eval_shape(lambda: models.model_fn(config)(nnx.Rngs(0)))
+  _, _, abstract_buffers = nnx.split(model, nnx.Param, ...)
+  arrays = read_tokenizer(config.model.tokenizer)
+  buffers = {}
+  for path, var in nnx.to_flat_state(abstract_buffers):
+    value = arrays.get(path[1:]) if path[0] == "vq" else None
+    node = buffers
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = value if value is not None else np.zeros(var.get_value().shape, var.get_value().dtype)
+  return write_orbax(out_dir, params, buffers)
+
+
+def convert_verb(flags) -> int:
+  """`python -m himar_jax convert --config=configs/next_scale.py:var_d16 --config.convert.src=var_d16.pth
+  --config.model.tokenizer=vae_ch160v4096z32.pth --workdir=OUT`."""
+  config, out = flags.config, flags.workdir
+  src = config.convert.src if "convert" in config else ""
+  if not src:
+    raise ValueError("config.convert.src is empty; pass --config.convert.src=/path/to/var_d16.pth or hmar-d16.pth.")
+  if not out:
+    raise ValueError("`convert` needs --workdir=DIR: the orbax checkpoint directory to write.")
+  state_dir = convert_checkpoint(src, out, config)
+  print(f"wrote {state_dir} ({config.model.kind}); sample with --checkpoint={os.path.abspath(out)}")
+  return 0

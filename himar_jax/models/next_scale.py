@@ -652,14 +652,21 @@ def check_schedule(schedule, patch_nums) -> None:
 
 
 def build(config, rngs: nnx.Rngs) -> NextScaleTransformer:
+  """The model; with config.model.tokenizer set (vae_ch160v4096z32.pth or a converted tokenizer directory) its
+  codebook and phi convs are loaded into the frozen `vq` (training needs them; sampling restores them from the
+  checkpoint's buffers)."""
   m = config.model
-  return NextScaleTransformer(
+  model = NextScaleTransformer(
       kind=m.kind, depth=m.depth, width=m.width, num_heads=m.num_heads, num_classes=m.num_classes,
       vq_config=vq_config_of(m), rngs=rngs, mlp_ratio=m.mlp_ratio, cond_drop_prob=m.cond_drop_prob,
       drop_path_rate=m.drop_path_rate, n_layers_train=m.get("n_layers_train", 8), init_adaln=m.init_adaln,
       init_adaln_gamma=m.init_adaln_gamma, init_head=m.init_head, loss_weighting=m.loss_weighting,
       label_smoothing=m.label_smoothing, stage=m.get("stage", 1), dtype=_DTYPES[m.dtype],
       attention_implementation=m.get("attention_implementation", None))
+  if m.get("tokenizer", ""):
+    from himar_jax.convert import next_scale as convert_next_scale  # lazy: the converter imports this module
+    convert_next_scale.load_tokenizer_arrays(model, convert_next_scale.read_tokenizer(m.tokenizer))
+  return model
 
 
 def sample_kwargs(config) -> dict:
