@@ -198,6 +198,22 @@ def test_greedy_sampling_agrees_with_teacher_forcing(kind):
   np.testing.assert_array_equal(np.asarray(toks), np.asarray(jnp.argmax(logits, -1)))
 
 
+@pytest.mark.parametrize("kind", ["var", "hmar"])
+def test_greedy_sampling_matches_official_sampler(kind):
+  """The official samplers with multinomial -> argmax (fixture): cfg 1.5 ramp, top-k 8, top-p 0.9, HMAR's
+  confidence-ranked re-masking over the schedule [[1], [1, 3], [1, 2, 6], [16]] (and without refinement)."""
+  fx = fixture(f"{kind}_logits.npz")
+  model = loaded(kind, fx)
+  labels = jnp.asarray(fx["sample_labels"])
+  keys = jax.random.split(jax.random.key(0), labels.shape[0])
+  sched = ((1,), (1, 3), (1, 2, 6), (16,))
+  run = jax.jit(lambda l, k, refine: model.sample(l, keys=k, cfg=1.5, top_k=8, top_p=0.9, greedy=True,
+                                                  mask_schedule=sched, refine=refine), static_argnums=2)
+  np.testing.assert_array_equal(np.asarray(run(labels, keys, True)), fx["sample_tokens"])
+  if kind == "hmar":
+    np.testing.assert_array_equal(np.asarray(run(labels, keys, False)), fx["sample_tokens_unrefined"])
+
+
 def test_hmar_refinement_rows_follow_their_keys():
   model = tiny("hmar")
   keys = jax.random.split(jax.random.key(4), 3)

@@ -448,15 +448,16 @@ class NextScaleTransformer(nnx.Module):
     return self.sample_tokens(labels, keys=keys, **kwargs)
 
   def sample_tokens(self, labels, *, keys, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
-                    mask_schedule=None, refine: bool = True):
+                    mask_schedule=None, refine: bool = True, greedy: bool = False):
     """VAR: KV-cached next-scale sampling. HMAR: each scale alone (no cache) plus, where `mask_schedule[k]` has
-    more than one entry, masked refinement passes. CFG ramp t = cfg * k / (K - 1); top-k then top-p."""
+    more than one entry, masked refinement passes. CFG ramp t = cfg * k / (K - 1); top-k then top-p.
+    greedy: argmax instead of a categorical draw (deterministic; confidences are still the filtered softmax)."""
     if self.kind == "var":
-      return _sample_var(self, labels, keys, cfg=cfg, top_k=top_k, top_p=top_p)
+      return _sample_var(self, labels, keys, cfg=cfg, top_k=top_k, top_p=top_p, greedy=greedy)
     schedule = tuple(tuple(s) for s in (mask_schedule or default_schedule(self.scales.patch_nums)))
     check_schedule(schedule, self.scales.patch_nums)
     return _sample_hmar(self, labels, keys, cfg=cfg, top_k=top_k, top_p=top_p, schedule=schedule,
-                        refine=refine)
+                        refine=refine, greedy=greedy)
 
 
 def default_schedule(patch_nums) -> tuple:
@@ -484,8 +485,10 @@ def filter_top_k_top_p(logits, top_k: int = 0, top_p: float = 0.0):
   return logits
 
 
-def _draw(filtered, keys, scale: int, step: int):
+def _draw(filtered, keys, scale: int, step: int, greedy: bool = False):
   """One categorical draw per token from (B, l, V) filtered logits, each row from its own key."""
+  if greedy:
+    return jnp.argmax(filtered, axis=-1).astype(jnp.int32)
   row_keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.fold_in(k, scale), step))(keys)
   return jax.vmap(lambda k, lg: jax.random.categorical(k, lg, axis=-1))(row_keys, filtered).astype(jnp.int32)
 
@@ -517,7 +520,7 @@ def _ramp(si: int, num_scales: int) -> float:
   return si / max(num_scales - 1, 1)
 
 
-def _sample_var(model, labels, keys, *, cfg, top_k, top_p):
+def _sample_var(model, labels, keys, *, cfg, top_k, top_p, greedy):
   cond, lvl_pos, x, f_hat = _start(model, labels)
   two_b = x.shape[0]
   heads = model.num_heads
@@ -533,7 +536,7 @@ def _sample_var(model, labels, keys, *, cfg, top_k, top_p):
       new_caches.append(cache)
     caches = new_caches
     logits = _cfg_mix(model.head(h, cond), cfg * _ramp(si, num))
-    idx = _draw(filter_top_k_top_p(logits, top_k, top_p), keys, si, 0)
+    idx = _draw(filter_top_k_top_p(logits, top_k, top_p), keys, si, 0, greedy)
     out.append(idx)
     f_hat, nxt = model.vq.next_autoregressive_input(si, f_hat, model.vq.embed(idx, (pn, pn)))
     if si != num - 1:
@@ -547,7 +550,7 @@ def _run_scale(model, blocks, x, cond):
   return x
 
 
-def _sample_hmar(model, labels, keys, *, cfg, top_k, top_p, schedule, refine):
+def _sample_hmar(model, labels, keys, *, cfg, top_k, top_p, schedule, refine, greedy):
   cond, lvl_pos, x, f_hat = _start(model, labels)
   b = labels.shape[0]
   rows = jnp.arange(b)[:, None]
@@ -558,7 +561,7 @@ def _sample_hmar(model, labels, keys, *, cfg, top_k, top_p, schedule, refine):
   for si, pn in enumerate(model.scales.patch_nums):
     h = _run_scale(model, model.ns_blocks, _run_scale(model, model.base_blocks, x, cond), cond)
     filtered = filter_top_k_top_p(_cfg_mix(model.ns_head(h, cond), cfg * _ramp(si, num)), top_k, top_p)
-    idx = _draw(filtered, keys, si, 0)
+    idx = _draw(filtered, keys, si, 0, greedy)
     steps = schedule[si]
     if refine and pn * pn > 1 and len(steps) > 1:
       conf = jnp.take_along_axis(jax.nn.softmax(filtered, -1), idx[..., None], -1)[..., 0]
@@ -574,7 +577,7 @@ def _sample_hmar(model, labels, keys, *, cfg, top_k, top_p, schedule, refine):
                         _run_scale(model, model.base_blocks, jnp.concatenate([inp, inp], 0), cond), cond)
         # The official refinement runs CFG at t = cfg * 1e-6 (effectively off).
         filtered_m = filter_top_k_top_p(_cfg_mix(model.mask_head(hm, cond), cfg * 1e-6), top_k, top_p)
-        idx_m = _draw(filtered_m, keys, si, step)
+        idx_m = _draw(filtered_m, keys, si, step, greedy)
         idx = idx.at[rows, to_mask].set(jnp.take_along_axis(idx_m, to_mask, -1))
         if step != len(steps) - 1:
           conf = jnp.take_along_axis(jax.nn.softmax(filtered_m, -1), idx[..., None], -1)[..., 0]
