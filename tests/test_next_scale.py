@@ -246,3 +246,27 @@ def test_bad_indices_and_tokenizer_raise():
     ns.load_tokenizer(model, other)
   with pytest.raises(ValueError, match="unknown variant 'var_d16_1024'"):
     get_config("var_d16_1024")
+
+
+def test_trainer_step_stage2_moves_only_the_mask_branch():
+  from himar_jax.parallel import mesh as mesh_lib, sharding as sharding_lib
+  from himar_jax.train import optimizer as opt_lib
+  from himar_jax.train.state import init_train_state, make_train_setup
+  from himar_jax.train.step import make_train_step
+  config = get_config("hmar_tiny_stage2")
+  config.optim.warmup_steps = 0
+  config.optim.lr = 1e-2
+  tx = ns.freeze_untrainable(opt_lib.make_optimizer(config, 10), 2)
+  setup = make_train_setup(models.model_fn(config), tx, mesh_lib.make_mesh((-1, 1, 1)))
+  state = init_train_state(setup, seed=0)
+  batch = {"indices": np.asarray(jax.random.randint(jax.random.key(0), (8, 30), 0, 16), np.int32),
+           "label": np.arange(8, dtype=np.int32)}
+  new, metrics = make_train_step(setup, 0.9)(jax.tree.map(jnp.copy, state),
+                                             sharding_lib.shard_batch(batch, setup.mesh))
+  assert np.isfinite(float(metrics["loss"])) and 0.0 <= float(metrics["mask_ratio"]) < 1.0
+  moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), state.params, new.params)
+  flat = {path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(moved)[0]}
+  assert flat["mask_embed"] and flat["mask_blocks.0.ffn.fc1.kernel"] and flat["mask_head.head.kernel"]
+  assert not any(v for k, v in flat.items() if not k.startswith("mask_"))
+  same = jax.tree.map(lambda a, b: np.array_equal(a, b), state.buffers, new.buffers)
+  assert all(jax.tree.leaves(same))  # the tokenizer's codebook / phi never move

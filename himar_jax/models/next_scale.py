@@ -602,6 +602,22 @@ def trainable_mask(params, stage: int):
   return jax.tree_util.tree_map_with_path(trainable, params)
 
 
+def freeze_untrainable(tx, stage: int):
+  """Chains a zeroing step after an optax transformation so that only `trainable_mask(params, stage)` moves
+  (weight decay included): HMAR stage 2 uses this around make_optimizer(config). Stateless and mask-free in its
+  optimizer state, so the trainer's opt-state shardings are those of the plain optimizer (the Adam moments of the
+  frozen weights are kept but never applied)."""
+  import optax
+  if stage == 1:
+    return tx
+
+  def zero_frozen(updates, params):
+    keep = trainable_mask(params, stage)
+    return jax.tree.map(lambda u, k: u if k else jnp.zeros_like(u), updates, keep)
+
+  return optax.chain(tx, optax.stateless(zero_frozen))
+
+
 def init_mask_branch_from_ns(model: NextScaleTransformer) -> None:
   """Stage 2 starts from stage 1 (MaskedPrediction loads the NSP checkpoint): mask_blocks <- ns_blocks and mask
   head <- ns head."""
