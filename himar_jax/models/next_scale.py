@@ -321,10 +321,13 @@ class NextScaleTransformer(nnx.Module):
     if indices.ndim != 2 or indices.shape[1] != self.scales.length:
       raise ValueError(f"indices must be (B, {self.scales.length}) for patch_nums {self.scales.patch_nums}; got "
                        f"shape {tuple(indices.shape)}.")
-    if not isinstance(indices, jax.core.Tracer):
-      lo, hi = int(jnp.min(indices)), int(jnp.max(indices))
-      if lo < 0 or hi >= self.vocab_size:
-        raise ValueError(f"token indices span [{lo}, {hi}], outside the codebook range [0, {self.vocab_size}).")
+    try:
+      concrete = np.asarray(indices)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+      return
+    lo, hi = int(concrete.min()), int(concrete.max())
+    if lo < 0 or hi >= self.vocab_size:
+      raise ValueError(f"token indices span [{lo}, {hi}], outside the codebook range [0, {self.vocab_size}).")
 
   def split_scales(self, indices) -> list:
     return [indices[:, s:s + n] for s, n in zip(self.scales.starts, self.scales.sizes)]
