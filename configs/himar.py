@@ -58,6 +58,9 @@ def _model(family: str, size: str) -> ml_collections.ConfigDict:
   m.diffusion_batch_mul = 4
   m.num_sampling_steps = "100"
   m.dtype = "bfloat16"
+  # Encoder capacities picked per batch at run time (lax.switch; 1 = always the whole sequence): Hi-MAR's
+  # phase-2 encoder and MAR's sampler then skip most padding; the result is the same for any value.
+  m.encoder_buckets = 4
   m.cfg_schedule = "linear"
   m.temperature = 1.0
   if family == "himar":
@@ -106,6 +109,7 @@ def get_config(variant: str = "himar_b") -> ml_collections.ConfigDict:
     m.diffusion_batch_mul = 1
     m.num_sampling_steps = "4"
     m.dtype = "float32"
+    m.encoder_buckets = 2
     m.num_iter = 2
     if family == "himar":
       m.lowres_grid = 8

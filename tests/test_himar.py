@@ -76,6 +76,9 @@ def test_himar_phase_losses_match_official(loss_fixture):
   np.testing.assert_allclose(np.asarray(z_dense), fx["z_dense"], rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(float(loss_low) * 2.0, fx["loss1"], rtol=1e-4)
   np.testing.assert_allclose(float(loss_dense) * 0.75, fx["loss2"], rtol=1e-4)
+  # The tiny config has two phase-2 encoder capacities; the fixture's 64 + 83 visible tokens take the smaller one,
+  # so the match above covers the bucketed path, and the loop below also runs the full one.
+  assert model.visible_capacities(64) == (192, 320)
   # Other mask ratios (any visible-token count) reuse the same compiled step: static shapes.
   for low, dense in ((45, 1), (64, 256), (52, 100)):
     out = run(model, batch, dict(draws, num_masked_low=jnp.int32(low), num_masked_dense=jnp.int32(dense)))

@@ -115,7 +115,7 @@ class MAR(nnx.Module):
                head_width: int, head_depth: int, mlp_ratio: float = 4.0, dropout: float = 0.1,
                label_drop_prob: float = 0.1, mask_ratio_min: float = 0.7, diffusion_batch_mul: int = 4,
                num_sampling_steps: str = "100", noise_schedule: str = "cosine", dtype=jnp.bfloat16,
-               num_phases: int = 1, prefix_tokens: int = 0, rngs: nnx.Rngs):
+               num_phases: int = 1, prefix_tokens: int = 0, encoder_buckets: int = 1, rngs: nnx.Rngs):
     if num_phases not in (1, 2):
       raise ValueError(f"num_phases={num_phases} must be 1 (MAR) or 2 (Hi-MAR).")
     self.num_tokens, self.token_dim, self.num_classes = num_tokens, token_dim, num_classes
@@ -123,6 +123,9 @@ class MAR(nnx.Module):
     self.mask_ratio_min, self.diffusion_batch_mul = mask_ratio_min, diffusion_batch_mul
     self.num_sampling_steps, self.noise_schedule = num_sampling_steps, noise_schedule
     self.num_phases, self.prefix_tokens = num_phases, prefix_tokens
+    if encoder_buckets < 1:
+      raise ValueError(f"encoder_buckets={encoder_buckets} must be >= 1.")
+    self.encoder_buckets = encoder_buckets
     self.seq_len = prefix_tokens + num_tokens
     # The most tokens visible in MAR training; sampling uses the full length.
     self.train_capacity = num_tokens - int(math.ceil(num_tokens * mask_ratio_min))
@@ -198,6 +201,35 @@ class MAR(nnx.Module):
     for block in self.encoder_blocks:
       x = block(x, phase_embedding=ada, phase=phase, key_mask=key_mask, rngs=rngs)
     return self.encoder_norm(x), idx, valid
+
+  def visible_capacities(self, fixed: int = 0) -> tuple[int, ...]:
+    """Encoder capacities for sequences whose visible count ranges over [fixed, S]: `encoder_buckets` steps
+    (fixed + j (S - fixed) / k, the last = S)."""
+    k, s = self.encoder_buckets, self.seq_len
+    return tuple(sorted({fixed + ((s - fixed) * j) // k for j in range(1, k + 1)}))
+
+  def encode_bucketed(self, x, mask, class_emb, capacities, *, phase: int = 0, rngs=None):
+    """encode() at the smallest of `capacities` (ascending, the last = S) that holds every row's visible tokens,
+    picked at run time with lax.switch: each capacity is compiled once and only the chosen one runs, so a batch
+    with few visible tokens does not pay for the full sequence. Outputs are padded to S positions (invalid)."""
+    if len(capacities) == 1:
+      return self.encode(x, mask, class_emb, capacities[0], phase=phase, rngs=rngs)
+    s = self.seq_len
+    key = None if rngs is None else rngs.dropout()
+
+    def branch(cap):
+      def run(operands):
+        x, mask, class_emb, key = operands
+        h, idx, valid = self.encode(x, mask, class_emb, cap, phase=phase,
+                                    rngs=None if key is None else nnx.Rngs(dropout=key))
+        pad = s - cap
+        return (jnp.pad(h, ((0, 0), (0, pad), (0, 0))), jnp.pad(idx, ((0, 0), (0, pad))),
+                jnp.pad(valid, ((0, 0), (0, pad))))
+      return run
+
+    visible = jnp.max(jnp.sum(~mask, axis=1))
+    index = jnp.searchsorted(jnp.asarray(capacities), visible)  # first capacity >= visible
+    return jax.lax.switch(index, [branch(c) for c in capacities], (x, mask, class_emb, key))
 
   def decode(self, x, idx, valid, *, phase: int = 0, rngs=None):
     """Scatters visible outputs back to their positions, fills the rest with mask tokens -> z (B, S, Dd)."""
@@ -324,7 +356,8 @@ class MAR(nnx.Module):
       mask, to_pred = sched.masks(ranks, k)
       in_tokens = jnp.concatenate([tokens, tokens]) if use_cfg else tokens
       in_mask = jnp.concatenate([mask, mask]) if use_cfg else mask
-      z = self.forward_z(in_tokens, in_mask, class_emb, n)
+      h, idx, valid = self.encode_bucketed(self.z_proj(in_tokens), in_mask, class_emb, self.visible_capacities())
+      z = self.decode(h, idx, valid)
       new, pidx, pvalid = self._sample_positions(
           z, to_pred, capacity=sched.capacity, cfg_scale=sched.scale(k) if use_cfg else None, keys=keys,
           step=k + 1, diffusion=diffusion, temperature=temperature)
@@ -396,8 +429,10 @@ class HiMAR(MAR):
     cosine steps over the dense map with CFG `cfg` where BOTH halves see the conditional pivots (only the class
     embedding differs); the DiT head resamples the whole map with RePaint re-imposition of known tokens, and
     every position still masked before a step takes the new sample (the official sampler does this too).
-  Static shapes: phase-1 encoder capacity = P - ceil(P mask_ratio_min) visible pivots, phase 2 the whole sequence
-  (visible-token counts vary with r2; padding is excluded as attention keys), so no mask ratio recompiles.
+  Static shapes: phase-1 encoder capacity = P - ceil(P mask_ratio_min) visible pivots; phase 2 the whole sequence,
+  or with encoder_buckets = k the smallest of k capacities P + j N / k that holds the batch's visible tokens,
+  picked at run time (lax.switch over k compiled branches); padding is excluded as attention keys, so no mask
+  ratio recompiles.
   """
 
   def __init__(self, *, grid_size: int, lowres_grid: int, token_dim: int, dit_width: int, dit_depth: int,
@@ -493,7 +528,8 @@ class HiMAR(MAR):
     mask_dense = masks_from_orders(draws["order_dense"], draws["num_masked_dense"])
     mask2 = jnp.concatenate([jnp.zeros((b, p), bool), mask_dense], axis=1)
     x2 = jnp.concatenate([pivots, self.z_proj(dense).astype(jnp.float32)], axis=1)
-    h, idx, valid = self.encode(x2, mask2, drop_class(draws["drop_dense"]), self.seq_len, phase=1, rngs=rngs)
+    h, idx, valid = self.encode_bucketed(x2, mask2, drop_class(draws["drop_dense"]), self.visible_capacities(p),
+                                         phase=1, rngs=rngs)
     z_dense = self.decode(h, idx, valid, phase=1, rngs=rngs)[:, p:]
     diffusion = create_diffusion("", noise_schedule=self.noise_schedule, learn_sigma=False)
     loss_dense = heads.dit_head_loss(self.dit_head, diffusion, jnp.tile(dense, (mul, 1, 1)),
@@ -583,7 +619,7 @@ class HiMAR(MAR):
       full_mask = jnp.concatenate([jnp.zeros((b, p), bool), mask], axis=1)
       if cfg2:
         x, full_mask = twice(x), twice(full_mask)
-      h, idx, valid = self.encode(x, full_mask, class2, self.seq_len, phase=1)
+      h, idx, valid = self.encode_bucketed(x, full_mask, class2, self.visible_capacities(p), phase=1)
       z = self.decode(h, idx, valid, phase=1)[:, p:]
       if noise is None:
         row_keys = jax.vmap(lambda kk: jax.random.fold_in(kk, k))(dense_keys)
@@ -660,7 +696,7 @@ def validate(config) -> None:
   if m.cfg_schedule not in ("linear", "constant"):
     raise ValueError(f"config.model.cfg_schedule={m.cfg_schedule!r} must be 'linear' or 'constant'.")
   if m.family in ("mar", "himar"):
-    _check_positive(m, "grid_size", "token_dim")
+    _check_positive(m, "grid_size", "token_dim", "encoder_buckets")
   if m.family == "himar":
     _check_positive(m, "lowres_grid", "dit_width", "dit_depth", "dit_heads", "steps_per_epoch")
     if m.grid_size % m.lowres_grid:
@@ -685,7 +721,7 @@ def _backbone_kwargs(m) -> dict:
               head_width=m.head_width, head_depth=m.head_depth, mlp_ratio=m.mlp_ratio, dropout=m.dropout,
               label_drop_prob=m.label_drop_prob, mask_ratio_min=m.mask_ratio_min,
               diffusion_batch_mul=m.diffusion_batch_mul, num_sampling_steps=m.num_sampling_steps,
-              dtype=_DTYPES[m.dtype])
+              encoder_buckets=m.get("encoder_buckets", 1), dtype=_DTYPES[m.dtype])
 
 
 def build(config, rngs: nnx.Rngs) -> MAR:
