@@ -270,3 +270,32 @@ def test_trainer_step_stage2_moves_only_the_mask_branch():
   assert not any(v for k, v in flat.items() if not k.startswith("mask_"))
   same = jax.tree.map(lambda a, b: np.array_equal(a, b), state.buffers, new.buffers)
   assert all(jax.tree.leaves(same))  # the tokenizer's codebook / phi never move
+
+
+@pytest.mark.parametrize("kind", ["var", "hmar"])
+def test_editing_keeps_known_tokens_and_completes_the_rest(kind):
+  """Inpainting: known tokens stay; with greedy decoding and no refinement the unknown ones are the argmax of the
+  teacher-forced logits of the edited sequence (the model saw the known tokens of earlier scales)."""
+  model = tiny(kind)
+  labels = jnp.array([2, 5])
+  known = jax.random.randint(jax.random.key(9), (2, 30), 0, 16)
+  pixels = np.ones((2, 16, 16), bool)
+  pixels[:, :5, :5] = False  # regenerate the top-left corner
+  known_mask = ns.token_masks_from_pixels(pixels, PN)
+  # Unknown: every token whose area window touches the corner: 1 of 1, 1 of 4, 1 of 9 ([0, 6) x [0, 6)), 4 of 16.
+  assert np.asarray(known_mask[0]).tolist() == [False, False] + [True] * 3 + [False] + [True] * 8 + [
+      False, False, True, True, False, False] + [True] * 10
+  run = jax.jit(lambda k, m, refine: model.sample(labels, keys=jax.random.split(jax.random.key(0), 2), cfg=0.0,
+                                                  greedy=True, known=k, known_mask=m, refine=refine,
+                                                  mask_schedule=((1,), (1, 3), (1, 2, 6), (16,))),
+                static_argnums=2)
+  toks = np.asarray(run(known, known_mask, False))
+  np.testing.assert_array_equal(toks[np.asarray(known_mask)], np.asarray(known)[np.asarray(known_mask)])
+  logits = model.logits(labels, model.vq.next_scale_inputs(model.split_scales(jnp.asarray(toks))))
+  free = ~np.asarray(known_mask)
+  np.testing.assert_array_equal(toks[free], np.asarray(jnp.argmax(logits, -1))[free])
+  if kind == "hmar":
+    refined = np.asarray(run(known, known_mask, True))
+    np.testing.assert_array_equal(refined[np.asarray(known_mask)], np.asarray(known)[np.asarray(known_mask)])
+  with pytest.raises(ValueError, match=r"shape \(B, 30\)"):
+    model.sample(labels, keys=jax.random.split(jax.random.key(0), 2), known=known)

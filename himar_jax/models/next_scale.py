@@ -451,16 +451,25 @@ class NextScaleTransformer(nnx.Module):
     return self.sample_tokens(labels, keys=keys, **kwargs)
 
   def sample_tokens(self, labels, *, keys, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
-                    mask_schedule=None, refine: bool = True, greedy: bool = False):
+                    mask_schedule=None, refine: bool = True, greedy: bool = False, known=None, known_mask=None):
     """VAR: KV-cached next-scale sampling. HMAR: each scale alone (no cache) plus, where `mask_schedule[k]` has
     more than one entry, masked refinement passes. CFG ramp t = cfg * k / (K - 1); top-k then top-p.
-    greedy: argmax instead of a categorical draw (deterministic; confidences are still the filtered softmax)."""
+    greedy: argmax instead of a categorical draw (deterministic; confidences are still the filtered softmax).
+    known / known_mask (B, L): editing (inpainting, outpainting, class-conditional editing): tokens where
+    known_mask is True are kept from `known` at every pass and never re-masked; the rest are generated (see
+    token_masks_from_pixels)."""
+    edit = None
+    if known is not None or known_mask is not None:
+      if known is None or known_mask is None or known.shape != known_mask.shape or known.shape[1:] != (
+          self.scales.length,):
+        raise ValueError(f"known and known_mask must both be given with shape (B, {self.scales.length}).")
+      edit = (known.astype(jnp.int32), known_mask.astype(bool))
     if self.kind == "var":
-      return _sample_var(self, labels, keys, cfg=cfg, top_k=top_k, top_p=top_p, greedy=greedy)
+      return _sample_var(self, labels, keys, cfg=cfg, top_k=top_k, top_p=top_p, greedy=greedy, edit=edit)
     schedule = tuple(tuple(s) for s in (mask_schedule or default_schedule(self.scales.patch_nums)))
     check_schedule(schedule, self.scales.patch_nums)
     return _sample_hmar(self, labels, keys, cfg=cfg, top_k=top_k, top_p=top_p, schedule=schedule,
-                        refine=refine, greedy=greedy)
+                        refine=refine, greedy=greedy, edit=edit)
 
 
 def default_schedule(patch_nums) -> tuple:
@@ -523,7 +532,24 @@ def _ramp(si: int, num_scales: int) -> float:
   return si / max(num_scales - 1, 1)
 
 
-def _sample_var(model, labels, keys, *, cfg, top_k, top_p, greedy):
+def _keep_known(idx, edit, model, si):
+  """Known tokens of scale si replace the drawn ones (editing); returns (idx, known mask of the scale or None)."""
+  if edit is None:
+    return idx, None
+  s, n = model.scales.starts[si], model.scales.sizes[si]
+  km = edit[1][:, s:s + n]
+  return jnp.where(km, edit[0][:, s:s + n], idx), km
+
+
+def token_masks_from_pixels(known_pixels, patch_nums) -> jax.Array:
+  """(B, H, W) bool pixel mask (True = keep) -> (B, L) token mask: a token of scale k is kept when the whole
+  area it covers (area-resized to pn_k x pn_k) is known."""
+  m = jnp.asarray(known_pixels, jnp.float32)[..., None]
+  parts = [resize.area(m, (p, p)).reshape(m.shape[0], -1) >= 1.0 - 1e-6 for p in patch_nums]
+  return jnp.concatenate(parts, axis=1)
+
+
+def _sample_var(model, labels, keys, *, cfg, top_k, top_p, greedy, edit=None):
   cond, lvl_pos, x, f_hat = _start(model, labels)
   two_b = x.shape[0]
   heads = model.num_heads
@@ -539,7 +565,7 @@ def _sample_var(model, labels, keys, *, cfg, top_k, top_p, greedy):
       new_caches.append(cache)
     caches = new_caches
     logits = _cfg_mix(model.head(h, cond), cfg * _ramp(si, num))
-    idx = _draw(filter_top_k_top_p(logits, top_k, top_p), keys, si, 0, greedy)
+    idx, _ = _keep_known(_draw(filter_top_k_top_p(logits, top_k, top_p), keys, si, 0, greedy), edit, model, si)
     out.append(idx)
     f_hat, nxt = model.vq.next_autoregressive_input(si, f_hat, model.vq.embed(idx, (pn, pn)))
     if si != num - 1:
@@ -553,7 +579,7 @@ def _run_scale(model, blocks, x, cond):
   return x
 
 
-def _sample_hmar(model, labels, keys, *, cfg, top_k, top_p, schedule, refine, greedy):
+def _sample_hmar(model, labels, keys, *, cfg, top_k, top_p, schedule, refine, greedy, edit=None):
   cond, lvl_pos, x, f_hat = _start(model, labels)
   b = labels.shape[0]
   rows = jnp.arange(b)[:, None]
@@ -564,10 +590,12 @@ def _sample_hmar(model, labels, keys, *, cfg, top_k, top_p, schedule, refine, gr
   for si, pn in enumerate(model.scales.patch_nums):
     h = _run_scale(model, model.ns_blocks, _run_scale(model, model.base_blocks, x, cond), cond)
     filtered = filter_top_k_top_p(_cfg_mix(model.ns_head(h, cond), cfg * _ramp(si, num)), top_k, top_p)
-    idx = _draw(filtered, keys, si, 0, greedy)
+    idx, known_here = _keep_known(_draw(filtered, keys, si, 0, greedy), edit, model, si)
+    # Known tokens get confidence +inf, so the lowest-confidence tokens that get re-masked are unknown ones.
+    pin = (lambda c: c) if known_here is None else (lambda c: jnp.where(known_here, jnp.inf, c))
     steps = schedule[si]
     if refine and pn * pn > 1 and len(steps) > 1:
-      conf = jnp.take_along_axis(jax.nn.softmax(filtered, -1), idx[..., None], -1)[..., 0]
+      conf = pin(jnp.take_along_axis(jax.nn.softmax(filtered, -1), idx[..., None], -1)[..., 0])
       to_mask = jnp.argsort(conf, axis=-1)[:, :sum(steps[1:])]
       s0, n0 = model.scales.starts[si], model.scales.sizes[si]
       for step in range(1, len(steps)):
@@ -582,8 +610,9 @@ def _sample_hmar(model, labels, keys, *, cfg, top_k, top_p, schedule, refine, gr
         filtered_m = filter_top_k_top_p(_cfg_mix(model.mask_head(hm, cond), cfg * 1e-6), top_k, top_p)
         idx_m = _draw(filtered_m, keys, si, step, greedy)
         idx = idx.at[rows, to_mask].set(jnp.take_along_axis(idx_m, to_mask, -1))
+        idx, _ = _keep_known(idx, edit, model, si)
         if step != len(steps) - 1:
-          conf = jnp.take_along_axis(jax.nn.softmax(filtered_m, -1), idx[..., None], -1)[..., 0]
+          conf = pin(jnp.take_along_axis(jax.nn.softmax(filtered_m, -1), idx[..., None], -1)[..., 0])
           order = jnp.argsort(jnp.take_along_axis(conf, to_mask, -1), axis=-1)[:, :sum(steps[step + 1:])]
           to_mask = jnp.take_along_axis(to_mask, order, -1)
     out.append(idx)
