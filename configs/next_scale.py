@@ -7,9 +7,8 @@ Variants (`--config=configs/next_scale.py:<variant>`):
                                             + 8 mask blocks, block-diagonal attention, normal-pdf scale weights,
                                             adaLN gamma init 1e-3 (`alng`); sampling cfg/top_k/top_p of the
                                             official sample configs, default 14-pass mask schedule.
-  hmar_d16_stage2 (any size: append _stage2) stage 2, masked refinement: mask-token CE only; train only what
-                                            next_scale.trainable_mask(params, 2) marks (mask_embed, mask_blocks,
-                                            mask head); initialise from stage 1 with init_mask_branch_from_ns.
+  hmar_d16_stage2 (any size: append _stage2) stage 2, masked refinement: mask-token CE only (p ~ U(0, 1) per
+                                            step, ceil(pn^2 p) positions per scale k >= 1, same for the batch).
   var_d16_512 / hmar_d16_512 (any size: append _512)  the 512px patch_nums (1,2,3,4,6,9,13,18,24,32), L 2240.
   var_tiny / hmar_tiny                      CPU-sized (depth 2/3, width 32) on a tiny 4-scale pyramid, for tests.
 
@@ -19,8 +18,12 @@ VAR-d16/20/24/30 310,283,520 / 600,917,136 / 1,033,399,360 / 2,010,020,356; HMAR
 and phi convs are held as frozen `TokenizerWeight` variables).
 
 Data: batches {"indices": (B, L) int32 VQ-pyramid tokens, "label": (B,)} (tokenize images with the VQ pyramid).
-Training (official): AdamW (0.9, 0.95), wd 0.05, grad clip 2.0, lr 1e-4 * batch / 256; VAR: batch 768 (d16),
-200 epochs; HMAR stage 1: 200/250/350/350 epochs, stage 2: 100 epochs.
+Training (official): AdamW (0.9, 0.95), wd 0.05 (not on 1-D params, biases, pos/level tables, scale_mul), grad
+clip 2.0, lr 1e-4 * batch / 256, warmup ep/50 epochs; batch 768 (1024 for d30); 200/250/350/350 epochs for
+d16/20/24/30 (VAR and HMAR stage 1), HMAR stage 2 100 epochs. The official schedule then decays linearly to
+wpe (0.01 VAR, 0.1 HMAR) of the peak ('lin0'); the trainer here offers constant or cosine (constant is set).
+HMAR stage 2 trains only mask_embed, mask_blocks and the mask head: wrap the optimizer with
+himar_jax.models.next_scale.freeze_untrainable(tx, 2) and start from stage 1 with init_mask_branch_from_ns.
 """
 import math
 
@@ -31,7 +34,7 @@ from himar_jax import config_lib
 IMAGENET_TRAIN = 1_281_167
 PATCH_NUMS = {256: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), 512: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)}
 HMAR_SAMPLING = {16: (1.7, 1000, 0.99), 20: (1.9, 950, 0.99), 24: (2.1, 900, 0.99), 30: (1.6, 650, 0.99)}
-HMAR_EPOCHS = {16: 200, 20: 250, 24: 350, 30: 350}
+EPOCHS = {16: 200, 20: 250, 24: 350, 30: 350}  # VAR README and HMAR stage-1 yaml files
 SCHEDULES = {
     256: ((1,), (1, 3), (1, 1, 2, 5), (16,), (25,), (36,), (64,), (100,), (169,), (256,)),
     512: ((1,), (1, 3), (1, 1, 2, 5), (5, 11), (36,), (81,), (169,), (324,), (576,), (1024,)),
@@ -95,10 +98,11 @@ def get_config(variant: str = "var_d16") -> ml_collections.ConfigDict:
   c.optim.base_lr = 1e-4
   c.optim.weight_decay = 0.05
   c.optim.grad_clip = 2.0
-  c.optim.no_decay_keywords = ("scale_mul", "class_emb", "pos_start", "pos_1LC", "lvl_embed", "mask_embed")
+  # VAR train.py filter_params: no decay for 1-D params, biases and these names (class_emb / mask_embed decay).
+  c.optim.no_decay_keywords = ("scale_mul", "pos_start", "pos_1LC", "lvl_embed")
   epoch = math.ceil(IMAGENET_TRAIN / c.data.global_batch_size)
-  epochs = 100 if "stage2" in extras else (HMAR_EPOCHS.get(depth, 200) if kind == "hmar" else 200)
-  c.optim.warmup_steps = max(1, int(0.1 * epochs * epoch)) if "stage2" not in extras else epoch
+  epochs = 100 if "stage2" in extras else EPOCHS.get(depth, 200)
+  c.optim.warmup_steps = max(1, epochs * epoch // 50)  # wp = ep / 50 epochs
   c.train.num_steps = epochs * epoch
 
   if size == "tiny":
