@@ -15,7 +15,11 @@ counted (the official parameter counts are the Transformer's), travel with the m
 from a VQ pyramid with `load_tokenizer(model, vq_pyramid_or_quantizer)`. The model therefore takes batches of
 token indices: {"indices": (B, L) int32 (scales concatenated, row-major), "label": (B,) int32}, and computes the
 teacher-forcing inputs itself with the pyramid's `next_scale_inputs`.
-Sampling returns token indices (B, L) int32; images come from the pyramid's decoder (`indices_to_img`).
+Sampling returns token indices (B, L) int32; images come from the pyramid's decoder (`indices_to_img`). Options:
+greedy decoding, and editing (known tokens kept at every pass, never re-masked; token_masks_from_pixels).
+Training: stage 1 (VAR, HMAR next-scale) weighted CE over all tokens; HMAR stage 2 (stage=2) CE over masked tokens
+of the mask branch; `freeze_untrainable(tx, 2)` keeps everything but mask_embed / mask_blocks / mask head fixed.
+Parity with the official classes: tests/test_next_scale.py (fixtures from tests/fixtures/make_next_scale.py).
 """
 from __future__ import annotations
 
