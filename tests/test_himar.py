@@ -176,41 +176,6 @@ def test_null_pivot_schedule_and_bad_inputs():
     get_config("himar_xl")
 
 
-def test_himar_train_step_on_2x2x2_mesh():
-  """One sharded step of the foundation trainer: params split by logical names, both heads receive updates."""
-  from himar_jax.parallel import mesh as mesh_lib, sharding as sharding_lib
-  from himar_jax.train import optimizer as opt_lib
-  from himar_jax.train.state import init_train_state, make_train_setup
-  from himar_jax.train.step import make_train_step
-
-  config = get_config("himar_tiny")
-  config.optim.warmup_steps = 0  # a full-size first update
-  setup = make_train_setup(models.model_fn(config), opt_lib.make_optimizer(config, 10),
-                           mesh_lib.make_mesh((2, 2, 2)))
-  state = init_train_state(setup, seed=0)
-  assert state.params["encoder_blocks"][0]["mlp"]["fc1"]["kernel"].sharding.spec == \
-      jax.sharding.PartitionSpec("fsdp", "tensor")
-  rng = np.random.default_rng(0)
-  batch = {"latent": rng.standard_normal((8, 16, 16, 16)).astype(np.float32),
-           "latent_small": rng.standard_normal((8, 8, 8, 16)).astype(np.float32),
-           "label": rng.integers(0, 10, 8).astype(np.int32)}
-  step = make_train_step(setup, config.optim.ema_decay)
-  before = jax.tree.map(np.asarray, state.params)
-  state, metrics = step(state, sharding_lib.shard_batch(batch, setup.mesh))
-  # Second step: the heads' zero-initialised output layers moved, so gradients reach the whole backbone.
-  state, _ = step(state, sharding_lib.shard_batch(batch, setup.mesh))
-  w1, w2 = config.model.phase_loss_weights
-  np.testing.assert_allclose(float(metrics["loss"]), w1 * float(metrics["loss_lowres"])
-                             + w2 * float(metrics["loss_dense"]), rtol=1e-5)
-  assert int(state.nonfinite_step) == -1 and int(state.step) == 2
-  for path in (("diffusion_head", "final_layer", "linear", "kernel"), ("dit_head", "x_embedder", "kernel"),
-               ("cond_proj", "kernel"), ("encoder_phase_ada", "kernel"), ("z_proj", "kernel")):
-    old, new = before, state.params
-    for p in path:
-      old, new = old[p], new[p]
-    assert not np.array_equal(old, np.asarray(new)), path
-
-
 def test_himar_sampler_rows_depend_only_on_their_keys():
   """Row b's orders and noise come from keys[b] alone: a batch reordered / resized gives the same rows."""
   c = get_config("himar_tiny")
@@ -223,3 +188,56 @@ def test_himar_sampler_rows_depend_only_on_their_keys():
   np.testing.assert_allclose(np.asarray(dense3)[[2, 1]], np.asarray(dense2), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(low3)[[2, 1]], np.asarray(low2), rtol=1e-5, atol=1e-5)
   assert not np.allclose(np.asarray(dense3)[0], np.asarray(dense3)[1])
+
+
+def test_end_to_end_latent_cache_train_restore_sample_decode(tmp_path):
+  """Images -> tiny KL VAE latent cache -> grain -> sharded Hi-MAR train steps on a 2x2x2 mesh -> EMA -> orbax ->
+  restore for sampling -> two-phase sampler -> VAE decode."""
+  from himar_jax import sampling, tokenizers
+  from himar_jax.convert import tokenizers as conv
+  from himar_jax.data import latent_cache as lc
+  from himar_jax.train import loop
+  from himar_jax.train.state import init_train_state, make_train_setup
+  from himar_jax.train import optimizer as opt_lib
+  from himar_jax.parallel import mesh as mesh_lib
+
+  kind, tcfg = tokenizers.preset("kl_tiny_gray")  # stride 2, 4 channels: 16 px -> 8x8x4, 8 px pivots -> 4x4x4
+  tok = tokenizers.build(kind, tcfg, host_init=True, seed=0)
+  tok_dir = str(tmp_path / "tok")
+  conv.save_tokenizer(tok, kind, tok_dir)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (16, 12, 12, 1), dtype=np.uint8)
+  labels = rng.integers(0, 10, 16).astype(np.int32)
+  lc.write_cache(lc.ArrayImageSource(images, labels, 16), tok, kind, directory=str(tmp_path / "cache"),
+                 tokenizer_identity=lc.tokenizer_identity(tok_dir), image_size=16, pivot_size=8, shard_size=8,
+                 batch_size=8, progress=False)
+  config = get_config("himar_tiny")
+  m = config.model
+  m.token_dim, m.grid_size, m.lowres_grid = 4, 8, 4
+  config.mesh.shape = (2, 2, 2)
+  config.data.cache_dir = str(tmp_path / "cache")
+  config.data.image_size = 16
+  config.optim.warmup_steps = 0
+  config.train.num_steps, config.train.checkpoint_every, config.train.log_every = 2, 2, 1
+  config.train.async_checkpoint, config.train.progress_bar = False, False
+  setup = make_train_setup(models.model_fn(config), opt_lib.make_optimizer(config, 2),
+                           mesh_lib.make_mesh(config.mesh.shape))
+  init = jax.tree.map(np.asarray, init_train_state(setup, seed=config.seed).params)
+  assert setup.param_shardings["encoder_blocks"][0]["mlp"]["fc1"]["kernel"].spec == \
+      jax.sharding.PartitionSpec("fsdp", "tensor")
+  state = loop.train(config, str(tmp_path / "run"))  # two bucketed phase-2 encoder branches, with dropout
+  assert int(state.step) == 2 and int(state.nonfinite_step) == -1
+  # After two steps (the heads' zero-initialised output layers move first) every part has been updated.
+  for path in (("diffusion_head", "final_layer", "linear", "kernel"), ("dit_head", "x_embedder", "kernel"),
+               ("cond_proj", "kernel"), ("encoder_phase_ada", "kernel"), ("z_proj", "kernel")):
+    old, new = init, state.params
+    for p in path:
+      old, new = old[p], new[p]
+    assert not np.array_equal(old, np.asarray(new)), path
+  restored = sampling.restore_model_for_sampling(config, loop.checkpoint_dir(str(tmp_path / "run")))
+  np.testing.assert_array_equal(np.asarray(restored.params["cond_tokens"]), np.asarray(state.ema_params["cond_tokens"]))
+  latents = restored.module().sample(jnp.asarray([1, 2]), keys=jax.random.split(jax.random.key(0), 2),
+                                     num_iter=2, cfg=2.0, re_cfg=2.0, num_sampling_steps="2", dit_sampling_steps="2")
+  assert latents.shape == (2, 8, 8, 4)
+  decoded = tok.decode_scaled(latents)
+  assert decoded.shape == (2, 16, 16, 1) and np.isfinite(np.asarray(decoded)).all()
