@@ -429,6 +429,11 @@ class HiMAR(MAR):
     cosine steps over the dense map with CFG `cfg` where BOTH halves see the conditional pivots (only the class
     embedding differs); the DiT head resamples the whole map with RePaint re-imposition of known tokens, and
     every position still masked before a step takes the new sample (the official sampler does this too).
+  Paper vs code (the code is followed; the published checkpoints depend on it): the scale embedding is
+  Embed(2, D) -> SiLU -> Linear with 4 modulation terms and no shift, gates start at 1 (not adaLN-Zero); the
+  null-pivot schedule, per-position mask tokens, split position embeddings, the 0.4 / 0.6 weights, the DiT head's
+  fixed variance / 250 steps / RePaint / no class input, and the conditional pivots in the unconditional branch
+  are not in the paper.
   Static shapes: phase-1 encoder capacity = P - ceil(P mask_ratio_min) visible pivots; phase 2 the whole sequence,
   or with encoder_buckets = k the smallest of k capacities P + j N / k that holds the batch's visible tokens,
   picked at run time (lax.switch over k compiled branches); padding is excluded as attention keys, so no mask
