@@ -10,6 +10,8 @@ Block-sparse scale layouts (VAR / HMAR): pass `layout=` (a himar_jax.kernels.Sca
 """
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 
@@ -23,6 +25,15 @@ def xla_attention(q, k, v, mask=None, *, scale: float | None = None):
   probs = jax.nn.softmax(logits, axis=-1)
   out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
   return out.astype(q.dtype)
+
+
+_FALLBACKS_LOGGED: set[str] = set()
+
+
+def _log_fallback_once(reason: str) -> None:
+  if reason not in _FALLBACKS_LOGGED:
+    _FALLBACKS_LOGGED.add(reason)
+    logging.getLogger(__name__).warning(reason)
 
 
 def _cudnn_ok(q) -> bool:
@@ -40,11 +51,22 @@ def dot_product_attention(q, k, v, mask=None, *, scale: float | None = None, imp
       from himar_jax.kernels.block_sparse import block_sparse_attention  # kernels import this module
       return block_sparse_attention(q, k, v, layout, scale=scale, implementation=implementation)
     mask = jnp.asarray(layout.dense_mask())[None, None]
-  if implementation is None:
+  auto = implementation is None
+  if auto:
     implementation = "cudnn" if _cudnn_ok(q) else "xla"
   if implementation == "xla":
     return xla_attention(q, k, v, mask, scale=scale)
   if implementation == "cudnn":
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+    if mask is not None:
+      # cudnn takes the mask as a bias of shape (B or 1, H or 1, Lq, Lk): no broadcasting over the two lengths.
+      mask = jnp.broadcast_to(mask, mask.shape[:2] + (q.shape[1], k.shape[1]))
+    try:
+      return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+    except (NotImplementedError, ValueError) as e:
+      if not auto:
+        raise
+      # cudnn rejects some shapes at trace time (e.g. odd lengths with a mask): the reference computes them.
+      _log_fallback_once(f"cudnn attention unavailable for q {q.shape}, k {k.shape}: {e}; using 'xla'")
+      return xla_attention(q, k, v, mask, scale=scale)
   raise ValueError(f"attention implementation={implementation!r} is not one of 'xla', 'cudnn', 'pallas_gpu', "
                    "'pallas_tpu' (the last two with layout=) or None (auto).")
