@@ -107,8 +107,8 @@ def test_himar_sampling_matches_official(loss_fixture):
   np.testing.assert_allclose(np.asarray(dense), sx["dense"], rtol=1e-4, atol=1e-4 * np.abs(sx["dense"]).max())
 
 
-def test_mar_loss_matches_official():
-  fx = _fixture("mar_loss.npz")
+def test_mar_loss_and_sampling_match_official():
+  fx, sx = _fixture("mar_loss.npz"), _fixture("mar_sample.npz")
   cfg = {k[4:]: v.item() for k, v in fx.items() if k.startswith("cfg/")}
   c = get_config("mar_tiny")
   m = c.model
@@ -125,6 +125,16 @@ def test_mar_loss_matches_official():
   assert fx["drop"].any() and not fx["drop"].all()
   loss = jax.jit(lambda mm, b, d: mm.losses(b, d))(model, batch, draws)
   np.testing.assert_allclose(float(loss), fx["loss"], rtol=1e-4)
+
+  @jax.jit
+  def run(mm, labels, orders, noise):
+    return mm.sample_tokens(labels, keys=jax.random.split(jax.random.key(0), labels.shape[0]),
+                            num_iter=int(sx["num_iter"]), cfg=float(sx["cfg"]), temperature=float(sx["temperature"]),
+                            num_sampling_steps=str(sx["mlp_steps"]), orders=orders, noise=noise)
+
+  tokens = run(model, jnp.asarray(sx["label"], jnp.int32), jnp.asarray(sx["orders"]),
+               {"init": jnp.asarray(sx["init"]), "steps": jnp.asarray(sx["steps"])})
+  np.testing.assert_allclose(np.asarray(tokens), sx["tokens"], rtol=1e-4, atol=1e-4 * np.abs(sx["tokens"]).max())
 
 
 def _official_schedule(n, num_iter, cfg):

@@ -340,13 +340,17 @@ class MAR(nnx.Module):
     return padded.at[jnp.arange(b)[:, None], target].set(new)[:, :n]
 
   def sample_tokens(self, labels, *, keys, num_iter: int, cfg: float = 1.0, cfg_schedule: str = "linear",
-                    temperature: float = 1.0, num_sampling_steps: str | None = None):
-    """MAR's iterative sampler. keys (B,) per-row keys: row b's order and noise depend only on keys[b]."""
+                    temperature: float = 1.0, num_sampling_steps: str | None = None, orders=None, noise=None):
+    """MAR's iterative sampler. keys (B,) per-row keys: row b's order and noise depend only on keys[b].
+
+    Tests may inject `orders` (B, N) and `noise` = dict(init (K, B, cap, C), steps (K, T, B, cap, C)).
+    """
     b, n, c = labels.shape[0], self.num_tokens, self.token_dim
     sched = MaskSchedule(n, num_iter, cfg, cfg_schedule)
     diffusion = create_diffusion(num_sampling_steps or self.num_sampling_steps, noise_schedule=self.noise_schedule,
                                  learn_sigma=True)
-    orders = jax.vmap(lambda k: jax.random.permutation(jax.random.fold_in(k, 0), n))(keys)
+    if orders is None:
+      orders = jax.vmap(lambda k: jax.random.permutation(jax.random.fold_in(k, 0), n))(keys)
     ranks = jnp.argsort(orders, axis=-1)
     use_cfg = cfg != 1.0
     cond = self.class_embedding(labels)
@@ -360,7 +364,8 @@ class MAR(nnx.Module):
       z = self.decode(h, idx, valid)
       new, pidx, pvalid = self._sample_positions(
           z, to_pred, capacity=sched.capacity, cfg_scale=sched.scale(k) if use_cfg else None, keys=keys,
-          step=k + 1, diffusion=diffusion, temperature=temperature)
+          step=k + 1, diffusion=diffusion, temperature=temperature,
+          noise=None if noise is None else (noise["init"][k], noise["steps"][k]))
       return self._scatter_rows(tokens, new, pidx, pvalid)
 
     return jax.lax.fori_loop(0, num_iter, body, jnp.zeros((b, n, c), jnp.float32))
