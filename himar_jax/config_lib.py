@@ -6,6 +6,9 @@ import ml_collections
 from himar_jax.data import fashion_mnist
 
 
+DATA_SOURCES = ("fashion_mnist", "image_folder", "latent_cache")
+
+
 def trainer_defaults() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -75,9 +78,9 @@ def validate(config) -> None:
     _positive_int(config, field)
   if config.data.max_examples < 0:
     raise ValueError(f"config.data.max_examples={config.data.max_examples} must be >= 0 (0 = all).")
-  if config.data.source not in ("fashion_mnist", "latent_cache"):
-    raise ValueError(f"config.data.source={config.data.source!r} is not a known source; use 'fashion_mnist' or "
-                     "'latent_cache'.")
+  if config.data.source not in DATA_SOURCES:
+    raise ValueError(f"config.data.source={config.data.source!r} is not a known source; use one of "
+                     f"{DATA_SOURCES}.")
   if config.data.source == "fashion_mnist" and config.data.image_size < 28:
     raise ValueError(f"config.data.image_size={config.data.image_size} is smaller than Fashion-MNIST's 28 "
                      "pixels; use 28 or more (the default 32 pads the border).")

@@ -96,3 +96,27 @@ def test_image_transform_pads_scales_and_flips():
       return 0.0
   flipped = data.image_transform(32, random_flip=True)(record, AlwaysFlip())
   np.testing.assert_array_equal(flipped["image"], out["image"][:, ::-1])
+
+
+def test_image_folder_training_source(tmp_path):
+  from PIL import Image
+
+  from configs.quickstart import get_config
+  rng = np.random.default_rng(0)
+  for c, name in enumerate(("cat", "ant")):  # classes are sorted by name: ant = 0, cat = 1
+    (tmp_path / name).mkdir()
+    for i in range(3):
+      Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / name / f"{i}.png")
+  config = get_config("tiny")
+  config.data.source, config.data.path, config.data.image_size = "image_folder", str(tmp_path), 32
+  config.data.global_batch_size, config.data.random_flip = 4, False
+  batch = next(data.make_train_iterator(config))
+  assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.float32
+  assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+  assert set(batch["label"]) <= {0, 1}
+  source = data.train_source(config)
+  image, label = source[0]
+  assert label == 0 and source.files[0].endswith("ant/0.png")
+  config.data.path = str(tmp_path / "missing")
+  with pytest.raises(FileNotFoundError, match="data.path for training"):
+    data.train_source(config)

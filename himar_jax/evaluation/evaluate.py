@@ -35,13 +35,13 @@ import time
 
 import numpy as np
 
+from himar_jax.data.images import IMAGE_EXTENSIONS, center_crop_adm
 from himar_jax.evaluation import metrics as metrics_lib
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PER_CLASS = 50
 DEFAULT_CHUNK_SIZE = 5000   # sampling.sample_batches compiles once per call, so few large chunks
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def chunk_seed(seed: int, chunk: int) -> int:
@@ -326,17 +326,8 @@ def evaluate_verb(flags) -> int:
 
 # ---- reference batches from image sources --------------------------------------------------------------------
 def center_crop_resize(image, size: int) -> np.ndarray:
-  """ADM's center_crop_arr: halve with BOX while the short side is >= 2 size, BICUBIC to short side = size,
-  centre crop; returns uint8 (size, size, 3)."""
-  from PIL import Image
-
-  while min(image.size) >= 2 * size:
-    image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
-  scale = size / min(image.size)
-  image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
-  arr = np.asarray(image.convert("RGB"))
-  top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-  return arr[top:top + size, left:left + size]
+  """ADM's loader: convert to RGB, then center_crop_arr (himar_jax/data/images.py); uint8 (size, size, 3)."""
+  return center_crop_adm(image.convert("RGB"), size)
 
 
 def load_image_source(source: str, *, image_size: int | None = None, limit: int = 0) -> np.ndarray:
