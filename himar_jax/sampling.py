@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -48,35 +49,53 @@ def restore_model_for_sampling(config, checkpoint_dir: str, *, mesh: Mesh | None
   return RestoredModel(graphdef, restored[which], restored["buffers"], mesh)
 
 
-def sample_batches(restored: RestoredModel, labels: np.ndarray, *, seed: int, batch_size: int | None = None,
-                   **sample_kwargs) -> np.ndarray:
-  """Samples one image per label with model.sample(labels, key=...), in global batches sharded over the mesh.
+@functools.lru_cache(maxsize=16)
+def _sampler(graphdef, sample_kwargs: tuple):
+  """One jitted sampler per (model structure, sampler settings): repeated calls (evaluation chunks, grids) reuse
+  the compiled program instead of tracing a new closure each time."""
+  kwargs = dict(sample_kwargs)
 
-  Sample i uses key fold_in(key(seed), i) (through the batch's base key and its row), so results do not depend
-  on the batch size as long as the model draws per-row randomness from its row key.
+  @jax.jit
+  def sample(params, buffers, labels, keys):
+    model = nnx.merge(graphdef, nnx.State(params), nnx.State(buffers))
+    return model.sample(labels, keys=keys, **kwargs)
+
+  return sample
+
+
+def _to_host(x) -> np.ndarray:
+  """The whole global array on every process (a multi-host array has shards this process cannot read)."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def sample_batches(restored: RestoredModel, labels: np.ndarray, *, seed: int, batch_size: int | None = None,
+                   start_index: int = 0, **sample_kwargs) -> np.ndarray:
+  """Samples one image per label with model.sample(labels, keys=...), in global batches sharded over the mesh.
+
+  Sample i (counted from `start_index`) uses key fold_in(key(seed), start_index + i), so a sample depends only
+  on (seed, its index), not on the batch or chunk it was drawn in, as long as the model draws per-row randomness
+  from its row key. Every process passes the same labels and gets all samples back.
   """
   labels = np.asarray(labels, np.int32)
   n_dev = sharding_lib.data_parallel_size(restored.mesh)
   batch_size = batch_size or max(n_dev, min(len(labels), 64))
   batch_size = -(-batch_size // n_dev) * n_dev
-  graphdef = restored.graphdef
   batch_sh = sharding_lib.batch_sharding(restored.mesh, 1)
-
-  @jax.jit
-  def sample(params, buffers, labels, keys):
-    model = nnx.merge(graphdef, nnx.State(params), nnx.State(buffers))
-    return model.sample(labels, keys=keys, **sample_kwargs)
-
+  sample = _sampler(restored.graphdef, tuple(sorted(sample_kwargs.items())))
   base = jax.random.key(seed)
   out = []
   for start in range(0, len(labels), batch_size):
     chunk = labels[start:start + batch_size]
     n = len(chunk)
     padded = np.concatenate([chunk, np.zeros(batch_size - n, np.int32)])
-    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(start, start + batch_size))
+    first = start_index + start
+    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(first, first + batch_size))
     images = sample(restored.params, restored.buffers, jax.device_put(padded, batch_sh),
                     jax.device_put(keys, batch_sh))
-    out.append(np.asarray(jax.device_get(images))[:n])
+    out.append(_to_host(images)[:n])
   return np.concatenate(out)
 
 

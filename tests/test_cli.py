@@ -81,3 +81,6 @@ def test_sampling_is_deterministic_per_sample(fake_fashion_mnist, tmp_path):
   np.testing.assert_allclose(a, b, atol=1e-5)
   c = sample_batches(restored, labels, seed=6, batch_size=16, **kwargs)
   assert not np.allclose(a, c)
+  # A later chunk of the same stream: samples 8..15 drawn on their own equal those drawn with the rest.
+  d = sample_batches(restored, labels[8:], seed=5, batch_size=8, start_index=8, **kwargs)
+  np.testing.assert_allclose(d, a[8:], atol=1e-5)
