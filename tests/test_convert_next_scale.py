@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from configs.next_scale import get_config
 from himar_jax import sampling
@@ -30,6 +29,7 @@ def fixture(name):
 
 
 def save_pth(path, arrays):
+  torch = pytest.importorskip("torch")  # writing .pth files needs PyTorch; converting them needs it too
   torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}, path)
 
 
