@@ -2,8 +2,8 @@
 
 Variants (`--config=configs/kl_vae.py:<variant>`):
   kl16     MAR's released tokenizer; ImageNet 256 cache with 128 pivots (Hi-MAR), scale factor 0.2325; training
-           with LDM's recipe (L1 + 1e-6 KL + LPIPS when its weights are given + PatchGAN from step 50001) needs an
-           ImageNet image source in himar_jax/data (config.data.source).
+           with LDM's recipe (L1 + 1e-6 KL + LPIPS when its weights are given + PatchGAN from step 50001) reads an
+           ImageFolder tree: --config.data.path=/data/imagenet/train.
   fmnist   a small gray VAE for Fashion-MNIST (32 px -> 8x8x4 latents, 16 px pivots -> 4x4); trains in minutes.
   tiny     CPU seconds: like fmnist with 64 examples (tests, smoke runs).
 Examples:

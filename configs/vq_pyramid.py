@@ -6,7 +6,8 @@ Variants (`--config=configs/vq_pyramid.py:<variant>`):
   fmnist   a small gray tokenizer for Fashion-MNIST (32 px, stride 4 -> 8x8, patch_nums 1,2,3,4,6,8).
   tiny     CPU seconds (tests, smoke runs).
 Training: reconstruction + VQ losses (+ LPIPS / PatchGAN as for the KL VAE). VAR publishes no tokenizer recipe;
-these follow the LDM / taming VQGAN setting.
+these follow the LDM / taming VQGAN setting. vq256 / vq512 train from an ImageFolder tree:
+--config.data.path=/data/imagenet/train.
 Example:
   python -m himar_jax convert --config=configs/vq_pyramid.py:vq256 --config.convert.src=vae_ch160v4096z32.pth \
       --workdir=ckpt/vq256

@@ -178,6 +178,7 @@ def default_config(kind: str, preset: str, small: str = ""):
   import ml_collections
 
   from himar_jax import config_lib
+  from himar_jax.data import fashion_mnist
   from himar_jax.data.latent_cache import default_cache_config
 
   c = config_lib.trainer_defaults()
@@ -192,7 +193,8 @@ def default_config(kind: str, preset: str, small: str = ""):
       "lpips_vgg": "", "lpips_lin": ""})  # LPIPS weights: torchvision vgg16 .pth and LPIPS v0.1 vgg.pth
   # LDM's autoencoder recipe: Adam (0.5, 0.9), lr 4.5e-6 per image of the global batch, no weight decay.
   c.optim.update(lr=4.5e-6 * 128, b1=0.5, b2=0.9, weight_decay=0.0, warmup_steps=0, grad_clip=0.0, ema_decay=0.999)
-  c.data.update(global_batch_size=128, image_size=256)
+  # ImageNet-scale training reads an ImageFolder tree (ADM center crop): --config.data.path=/data/imagenet/train.
+  c.data.update(global_batch_size=128, image_size=256, source="image_folder", path="")
   c.train.update(num_steps=400_000, checkpoint_every=5000, log_every=100)
   if small not in ("", "fmnist", "tiny"):
     raise ValueError(f"small={small!r} must be '', 'fmnist' or 'tiny'.")
@@ -203,7 +205,7 @@ def default_config(kind: str, preset: str, small: str = ""):
     c.model.dtype = "float32"
     c.loss.update(perceptual_weight=0.0, gan_weight=0.1, gan_start=2000, disc_width=32, disc_layers=2)
     c.optim.update(lr=1e-3, b1=0.9, b2=0.99, warmup_steps=100, grad_clip=1.0, ema_decay=0.995)
-    c.data.update(image_size=32, global_batch_size=128)
+    c.data.update(image_size=32, global_batch_size=128, source="fashion_mnist", path=fashion_mnist.DEFAULT_PATH)
     c.train.update(num_steps=4000, checkpoint_every=1000, log_every=100)
   if small == "tiny":
     c.cache.update(max_examples=64, shard_size=32, batch_size=16, progress=False)
