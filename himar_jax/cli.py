@@ -21,7 +21,7 @@ VERBS = {
     "train": "himar_jax.cli:train_verb",
     "info": "himar_jax.cli:info_verb",
     "quickstart": "himar_jax.cli:quickstart_verb",
-    "convert": "himar_jax.convert.tokenizers:convert_verb",
+    "convert": "himar_jax.convert:convert_verb",
     "cache-latents": "himar_jax.data.latent_cache:cache_latents_verb",
     "evaluate": "himar_jax.evaluation.evaluate:evaluate_verb",
 }

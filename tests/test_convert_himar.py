@@ -84,10 +84,10 @@ def test_checkpoint_file_to_orbax_restores_for_sampling(tmp_path):
               "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4}]}, "epoch": 799,
               "args": argparse.Namespace(model="himar_base", cfg=2.5)}, str(ckpt))
   out = tmp_path / "converted"
-  # Through the `convert` verb (registered by the tokenizer converter, which hands MAR / Hi-MAR configs over).
+  # Through the `convert` verb (himar_jax/convert/__init__.py dispatches MAR / Hi-MAR configs to convert/himar).
   from types import SimpleNamespace
 
-  from himar_jax.convert.tokenizers import convert_verb
+  from himar_jax.convert import convert_verb
   config.convert.src = str(ckpt)
   assert convert_verb(SimpleNamespace(config=config, workdir=str(out))) == 0
   with pytest.raises(FileExistsError, match="pick an empty --workdir"):

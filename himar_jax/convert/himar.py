@@ -225,20 +225,6 @@ def convert_checkpoint(src: str, out_dir: str, config) -> str:
   return write_orbax(out_dir, params, ema)
 
 
-def convert_verb(flags) -> int:
-  """`python -m himar_jax convert --config=configs/himar.py:himar_b --config.convert.src=checkpoint-last.pth
-  --workdir=OUT`: writes OUT/0/state, which `sample --checkpoint=OUT` restores."""
-  config, out = flags.config, flags.workdir
-  src = config.convert.src if "convert" in config else ""
-  if not src:
-    raise ValueError("config.convert.src is empty; pass --config.convert.src=/path/to/checkpoint-last.pth.")
-  if not out:
-    raise ValueError("`convert` needs --workdir=DIR: the orbax checkpoint directory to write.")
-  state_dir = convert_checkpoint(src, out, config)
-  print(f"wrote {state_dir} ({config.model.family}); sample with --checkpoint={os.path.abspath(out)}")
-  return 0
-
-
 def load_into(model, kind: str, state_dict: Mapping[str, np.ndarray]) -> list[str]:
   """Copies an official state dict into a built model (MAR or HiMAR); returns the dropped head keys."""
   import jax.numpy as jnp

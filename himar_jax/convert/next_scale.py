@@ -223,17 +223,3 @@ def convert_checkpoint(src: str, out_dir: str, config) -> str:
       node = node.setdefault(p, {})
     node[path[-1]] = value if value is not None else np.zeros(var.get_value().shape, var.get_value().dtype)
   return write_orbax(out_dir, params, buffers)
-
-
-def convert_verb(flags) -> int:
-  """`python -m himar_jax convert --config=configs/next_scale.py:var_d16 --config.convert.src=var_d16.pth
-  --config.model.tokenizer=vae_ch160v4096z32.pth --workdir=OUT`."""
-  config, out = flags.config, flags.workdir
-  src = config.convert.src if "convert" in config else ""
-  if not src:
-    raise ValueError("config.convert.src is empty; pass --config.convert.src=/path/to/var_d16.pth or hmar-d16.pth.")
-  if not out:
-    raise ValueError("`convert` needs --workdir=DIR: the orbax checkpoint directory to write.")
-  state_dir = convert_checkpoint(src, out, config)
-  print(f"wrote {state_dir} ({config.model.kind}); sample with --checkpoint={os.path.abspath(out)}")
-  return 0

@@ -312,12 +312,6 @@ def convert_verb(flags) -> int:
   (state/ + tokenizer.json). src: an official checkpoint; `train:<workdir>` (the EMA tokenizer of a training run
   of this config); or `random:<seed>` (random weights, for smoke tests).
   """
-  if flags.config is not None and "model" in flags.config and flags.config.model.get("family") in ("mar", "himar"):
-    from himar_jax.convert import himar  # MAR / Hi-MAR checkpoint-last.pth (configs/himar.py)
-    return himar.convert_verb(flags)
-  if flags.config is not None and "model" in flags.config and flags.config.model.get("family") == "next_scale":
-    from himar_jax.convert import next_scale  # VAR var_d*.pth / HMAR hmar-d*.pth (configs/next_scale.py)
-    return next_scale.convert_verb(flags)
   from himar_jax import tokenizers
 
   config, out = flags.config, flags.workdir
