@@ -17,7 +17,12 @@ VAR-d16/20/24/30 310,283,520 / 600,917,136 / 1,033,399,360 / 2,010,020,356; HMAR
 845,517,872 / 1,384,328,960 / 2,556,324,212 (the VQ tokenizer is not counted there and not here: its codebook
 and phi convs are held as frozen `TokenizerWeight` variables).
 
-Data: batches {"indices": (B, L) int32 VQ-pyramid tokens, "label": (B,)} (tokenize images with the VQ pyramid).
+Data: batches {"indices": (B, L) int32 VQ-pyramid tokens, "label": (B,)} from a token cache (data.source
+'token_cache', --config.data.cache_dir=DIR), made once with
+  python -m himar_jax cache-latents --config=configs/vq_pyramid.py:vq256 --config.tokenizer.checkpoint=TOK \
+      --config.cache.path=/data/imagenet/train --config.cache.dir=DIR
+(each record: the indices of all scales of the image and of its flip, int16, plus the label; the cache's patch_nums
+and codebook size must equal config.model's, and its tokenizer config.model.tokenizer when that is a directory).
 Training (official): AdamW (0.9, 0.95), wd 0.05 (not on 1-D params, biases, pos/level tables, scale_mul), grad
 clip 2.0, lr 1e-4 * batch / 256, warmup ep/50 epochs; batch 768 (1024 for d30); 200/250/350/350 epochs for
 d16/20/24/30 (VAR and HMAR stage 1), HMAR stage 2 100 epochs. The official schedule then decays linearly to
@@ -91,7 +96,8 @@ def get_config(variant: str = "var_d16") -> ml_collections.ConfigDict:
     c.model.stage = 2
     c.model.loss_weighting = "uniform"  # unused: stage 2 averages over the masked tokens
   c.convert = ml_collections.ConfigDict({"src": ""})  # var_d*.pth / hmar-d*.pth (plus config.model.tokenizer)
-  c.data.source = "token_cache"
+  c.data.source = "token_cache"   # VQ-pyramid token indices (himar_jax/data/latent_pipeline.py make_token_iterator)
+  c.data.cache_dir = ""           # `cache-latents --config=configs/vq_pyramid.py:vq256 (vq512 for _512)` output
   c.data.image_size = resolution
   c.data.global_batch_size = 1024 if depth >= 30 else 768
   c.optim.lr = None
