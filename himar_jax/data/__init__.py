@@ -54,6 +54,9 @@ def make_train_iterator(config):
   if config.data.source == "latent_cache":  # `cache-latents` output (himar_jax/data/latent_pipeline.py)
     from himar_jax.data import latent_pipeline
     return latent_pipeline.make_train_iterator(config)
+  if config.data.source == "token_cache":  # VQ-pyramid token indices for next-scale models
+    from himar_jax.data import latent_pipeline
+    return latent_pipeline.make_token_iterator(config)
   transform = (folder_transform(config.data.random_flip) if config.data.source == "image_folder"
                else image_transform(config.data.image_size, config.data.random_flip))
   return make_iterator(train_source(config), global_batch_size=config.data.global_batch_size,

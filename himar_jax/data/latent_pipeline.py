@@ -86,13 +86,20 @@ def kl_transform(scale_factor: float, random_flip: bool = True):
   return transform
 
 
-def vq_transform(random_flip: bool = True):
-  """record, rng -> {indices (L,) int32, label, index}, the flipped image's tokens with probability 1/2."""
+def vq_transform(random_flip: bool = True, vocab_size: int | None = None):
+  """record, rng -> {indices (L,) int32, label, index}, the flipped image's tokens with probability 1/2.
+  vocab_size: records whose indices leave [0, vocab_size) raise (a cache of another codebook, or corruption)."""
 
   def transform(record: dict, rng: np.random.Generator) -> dict:
     flip = random_flip and rng.random() < 0.5
-    return {"indices": record["indices_flip" if flip else "indices"].astype(np.int32),
-            "label": np.int32(record["label"]), "index": np.int32(record["index"])}
+    indices = record["indices_flip" if flip else "indices"].astype(np.int32)
+    if vocab_size is not None:
+      lo, hi = int(indices.min()), int(indices.max())
+      if lo < 0 or hi >= vocab_size:
+        raise lc.CacheError(f"token cache record {int(record['index'])} has indices in [{lo}, {hi}], outside the "
+                            f"codebook range [0, {vocab_size}) of config.model.vocab_size={vocab_size}; the cache "
+                            "was made with another tokenizer or is corrupted (rebuild it with `cache-latents`).")
+    return {"indices": indices, "label": np.int32(record["label"]), "index": np.int32(record["index"])}
 
   return transform
 
@@ -108,6 +115,46 @@ def make_latent_iterator(cache_dir: str, *, global_batch_size: int, seed: int, r
     transform = vq_transform(random_flip)
   return make_iterator(source, global_batch_size=global_batch_size, seed=seed, transform=transform,
                        process_index=process_index, process_count=process_count, num_workers=num_workers)
+
+
+def check_token_cache(metadata: dict, *, patch_nums, vocab_size: int, where: str) -> None:
+  """A VQ-pyramid token cache whose scales and codebook size are those of the model config, else CacheError."""
+  tok = metadata["tokenizer"]
+  if tok["kind"] != "vq_pyramid":
+    raise lc.CacheError(f"cache {where!r} holds {tok['kind']} latents; config.data.source='token_cache' needs VQ "
+                        "pyramid token indices: build one with `python -m himar_jax cache-latents "
+                        "--config=configs/vq_pyramid.py:vq256 --config.cache.dir=DIR`.")
+  have_pn, want_pn = tuple(tok["config"]["patch_nums"]), tuple(int(p) for p in patch_nums)
+  if have_pn != want_pn:
+    raise lc.CacheError(f"token cache {where!r} has scales patch_nums={have_pn} (L={sum(p * p for p in have_pn)}) "
+                        f"but config.model.patch_nums={want_pn} (L={sum(p * p for p in want_pn)}); use a cache of "
+                        "that layout (configs/vq_pyramid.py:vq256 / vq512) or the matching model variant (_512).")
+  if int(tok["config"]["vocab_size"]) != int(vocab_size):
+    raise lc.CacheError(f"token cache {where!r} was made with a codebook of {tok['config']['vocab_size']} entries "
+                        f"but config.model.vocab_size={vocab_size}; set the model's vocab_size to the tokenizer's.")
+  fields = {f["name"]: tuple(f["shape"]) for f in metadata["fields"]}
+  length = sum(p * p for p in want_pn)
+  if fields.get("indices") != (length,):
+    raise lc.CacheError(f"token cache {where!r} stores indices of shape {fields.get('indices')}, expected "
+                        f"({length},) for patch_nums {want_pn}; rebuild it with `cache-latents`.")
+
+
+def make_token_iterator(config):
+  """The token iterator a next-scale config names (config.data.source == "token_cache"): a `cache-latents` output
+  of a VQ pyramid at config.data.cache_dir, checked against config.model (patch_nums, vocab_size) and, when
+  config.model.tokenizer is a converted tokenizer directory, made by that tokenizer. Yields {"indices" (B, L)
+  int32, "label", "index"}; a record with indices outside the codebook raises."""
+  cache_dir = config.data.get("cache_dir", "")
+  if not cache_dir:
+    raise ValueError("config.data.cache_dir is empty; set --config.data.cache_dir to a token cache made by "
+                     "`python -m himar_jax cache-latents --config=configs/vq_pyramid.py:vq256 --config.cache.dir=DIR`.")
+  tok = config.model.get("tokenizer", "")
+  source = LatentCacheSource(cache_dir, tokenizer_dir=tok if tok and os.path.isdir(tok) else None)
+  m = config.model
+  check_token_cache(source.metadata, patch_nums=m.patch_nums, vocab_size=m.vocab_size, where=cache_dir)
+  return make_iterator(source, global_batch_size=config.data.global_batch_size, seed=config.data.shuffle_seed,
+                       transform=vq_transform(config.data.random_flip, int(m.vocab_size)),
+                       num_workers=config.data.num_workers)
 
 
 def make_train_iterator(config):
