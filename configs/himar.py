@@ -86,6 +86,10 @@ def get_config(variant: str = "himar_b") -> ml_collections.ConfigDict:
                      "himar_tiny, mar_tiny.")
   c.model = _model(family, "b" if size == "tiny" else size)
   c.convert = ml_collections.ConfigDict({"src": ""})  # official checkpoint-last.pth for `convert`
+  # The KL VAE that decodes samples (sample / evaluate / edit) and checks the latent cache: `checkpoint` is a
+  # tokenizer directory from `convert --config=<config>` (official kl16.ckpt or train:<workdir>); `config` names
+  # its architecture ("" = trust the directory's tokenizer.json).
+  c.tokenizer = ml_collections.ConfigDict({"config": "configs/kl_vae.py:kl16", "checkpoint": ""})
   c.data.source = "latent_cache"
   c.data.cache_dir = ""          # a `cache-latents` output directory
   c.data.image_size = 256
@@ -117,6 +121,7 @@ def get_config(variant: str = "himar_b") -> ml_collections.ConfigDict:
       m.dit_sampling_steps = "4"
       m.steps_per_epoch = 1
       m.step_warmup_epochs = 2
+    c.tokenizer.config = ""      # tests pair tiny models with tiny random tokenizers
     c.data.global_batch_size = 8
     c.optim.warmup_steps = 2
     c.train.num_steps = 4

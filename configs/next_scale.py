@@ -96,6 +96,10 @@ def get_config(variant: str = "var_d16") -> ml_collections.ConfigDict:
     c.model.stage = 2
     c.model.loss_weighting = "uniform"  # unused: stage 2 averages over the masked tokens
   c.convert = ml_collections.ConfigDict({"src": ""})  # var_d*.pth / hmar-d*.pth (plus config.model.tokenizer)
+  # The VQ pyramid that decodes samples into images (sample / evaluate / edit): `checkpoint` is a tokenizer
+  # directory from `convert --config=configs/vq_pyramid.py:vq256` (or VAR's vae_ch160v4096z32.pth itself); empty
+  # = config.model.tokenizer. `config` names its architecture ("" = trust the directory's tokenizer.json).
+  c.tokenizer = ml_collections.ConfigDict({"config": f"configs/vq_pyramid.py:vq{resolution}", "checkpoint": ""})
   c.data.source = "token_cache"   # VQ-pyramid token indices (himar_jax/data/latent_pipeline.py make_token_iterator)
   c.data.cache_dir = ""           # `cache-latents --config=configs/vq_pyramid.py:vq256 (vq512 for _512)` output
   c.data.image_size = resolution
@@ -123,6 +127,7 @@ def get_config(variant: str = "var_d16") -> ml_collections.ConfigDict:
     m.cfg, m.top_k, m.top_p = 1.5, 8, 0.9
     if kind == "hmar":
       m.mask_schedule = ((1,), (1, 3), (1, 2, 6), (16,))
+    c.tokenizer.config = ""      # tests pair tiny models with tiny random tokenizers
     c.data.global_batch_size = 8
     c.optim.warmup_steps = 2
     c.train.num_steps = 4

@@ -1,6 +1,7 @@
 """`python -m himar_jax evaluate --config=... --checkpoint=DIR [--num=N] [--ref=FILE] [--out=DIR]`.
 
-1. Restores the checkpoint's EMA params onto every present device (sampling.restore_model_for_sampling).
+1. Restores the checkpoint's EMA params onto every present device (sampling.restore_model_for_sampling); latent
+   families (mar, himar, next_scale) decode their samples with config.tokenizer (sampling.load_image_decoder).
 2. Generates `num` class-balanced samples (label of sample i = i mod num_classes; default 50 per class) in chunks
    of `chunk_size`, sharded over the devices (sampling.sample_batches, one compiled sampler for all chunks).
    Sample i uses key fold_in(key(config.sample.seed), i): a pure function of (seed, i), whatever the chunking. Every chunk is written to <out>/chunks/ as it finishes (atomically); a
@@ -71,11 +72,14 @@ def _verify_chunk(path: str, *, start: int, labels: np.ndarray, seed: int, image
   return None
 
 
-def _manifest(config, step: int, chunk_size: int, sample_kwargs: dict) -> dict:
+def _manifest(config, step: int, chunk_size: int, sample_kwargs: dict, tokenizer_fingerprint: str = "") -> dict:
   model_json = json.loads(config.model.to_json_best_effort())
-  return {"step": int(step), "seed": int(config.sample.seed), "chunk_size": int(chunk_size),
-          "sample_kwargs": {k: v for k, v in sorted(sample_kwargs.items())},
-          "model_fingerprint": hashlib.sha256(json.dumps(model_json, sort_keys=True).encode()).hexdigest()[:16]}
+  out = {"step": int(step), "seed": int(config.sample.seed), "chunk_size": int(chunk_size),
+         "sample_kwargs": {k: v for k, v in sorted(sample_kwargs.items())},
+         "model_fingerprint": hashlib.sha256(json.dumps(model_json, sort_keys=True).encode()).hexdigest()[:16]}
+  if tokenizer_fingerprint:  # latent families: the images also depend on the decoder
+    out["tokenizer_fingerprint"] = tokenizer_fingerprint[:16]
+  return out
 
 
 def _check_manifest(out_dir: str, manifest: dict) -> None:
@@ -109,14 +113,17 @@ def generate_samples(config, checkpoint_dir: str, out_dir: str, *, num: int, ste
 
   from himar_jax import models, sampling
   from himar_jax.evaluation.images import to_uint8
+  from himar_jax.parallel import mesh as mesh_lib
 
   num_classes = config.model.num_classes
   labels = class_balanced_labels(num, num_classes)
   sample_kwargs = models.family_module(config).sample_kwargs(config)
-  image_shape = (config.data.image_size, config.data.image_size, config.model.get("channels", 3))
+  mesh = mesh_lib.make_mesh((-1, 1, 1))
+  decoder = sampling.load_image_decoder(config, mesh=mesh)  # latent families: the tokenizer (errors before sampling)
+  image_shape = tuple(decoder.image_shape)
   is_main = jax.process_index() == 0
   if is_main:
-    _check_manifest(out_dir, _manifest(config, step, chunk_size, sample_kwargs))
+    _check_manifest(out_dir, _manifest(config, step, chunk_size, sample_kwargs, decoder.fingerprint))
   starts = list(range(0, num, chunk_size))
   reasons = [_verify_chunk(_chunk_path(out_dir, c), start=s, labels=labels[s:s + chunk_size],
                            seed=int(config.sample.seed), image_shape=image_shape) if is_main else None
@@ -135,11 +142,12 @@ def generate_samples(config, checkpoint_dir: str, out_dir: str, *, num: int, ste
                desc="sampling", unit="img")
   for c in np.flatnonzero(todo):
     if restored is None:  # only when something is left to sample
-      restored = sampling.restore_model_for_sampling(config, checkpoint_dir, step=step)
+      restored = sampling.restore_model_for_sampling(config, checkpoint_dir, mesh=mesh, step=step)
     s = starts[c]
     chunk_labels = labels[s:s + chunk_size]
     seed = int(config.sample.seed)
-    images = to_uint8(sampling.sample_batches(restored, chunk_labels, seed=seed, start_index=s, **sample_kwargs))
+    images = to_uint8(sampling.sample_batches(restored, chunk_labels, seed=seed, start_index=s, decoder=decoder,
+                                              **sample_kwargs))
     if is_main:
       path = _chunk_path(out_dir, int(c))
       np.savez(path + ".tmp.npz", images=images, labels=chunk_labels, indices=np.arange(s, s + len(chunk_labels)),
