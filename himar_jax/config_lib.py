@@ -34,7 +34,8 @@ def trainer_defaults() -> ml_collections.ConfigDict:
   c.optim.no_decay_keywords = ("diffusion_head",)  # MAR: no decay on biases, 1-D params and the diffusion head
   c.optim.warmup_steps = 100
   c.optim.schedule = "constant"
-  c.optim.final_lr_fraction = 0.0
+  c.optim.final_lr_fraction = 0.0     # cosine / lin0: the lr at the end, as a fraction of the peak (VAR's wpe)
+  c.optim.warmup_start_fraction = 0.0  # the lr at step 0, as a fraction of the peak (VAR's wp0)
   c.optim.grad_clip = 3.0
   c.optim.ema_decay = 0.9999
 
@@ -46,6 +47,8 @@ def trainer_defaults() -> ml_collections.ConfigDict:
   c.train.async_checkpoint = True
   c.train.progress_bar = True
   c.train.profile_steps = 0
+  c.train.init_from = ""            # checkpoints folder (or convert output) whose params start a fresh run
+  c.train.init_from_field = "params"  # or "ema_params"
 
   c.sample = ml_collections.ConfigDict()
   c.sample.per_class = 8            # samples per class row of the grid
@@ -87,8 +90,8 @@ def validate(config) -> None:
   lr = config.optim.lr if config.optim.lr is not None else config.optim.base_lr
   if not lr > 0:
     raise ValueError(f"learning rate {lr!r} (config.optim.lr or base_lr) must be > 0.")
-  if config.optim.schedule not in ("constant", "cosine"):
-    raise ValueError(f"config.optim.schedule={config.optim.schedule!r} must be 'constant' or 'cosine'.")
+  if config.optim.schedule not in ("constant", "cosine", "lin0"):
+    raise ValueError(f"config.optim.schedule={config.optim.schedule!r} must be 'constant', 'cosine' or 'lin0'.")
   if not 0.0 <= config.optim.ema_decay < 1.0:
     raise ValueError(f"config.optim.ema_decay={config.optim.ema_decay} must lie in [0, 1), e.g. 0.9999.")
   if config.optim.warmup_steps < 0:
