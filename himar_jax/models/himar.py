@@ -171,6 +171,16 @@ class MAR(nnx.Module):
       return emb
     return jnp.where(drop[:, None], self.fake_latent[...], emb)
 
+  def condition(self, batch, drop=None):
+    """The buffer's condition in training: class embedding of batch['label'] (B, D), fake_latent where drop.
+    Subclasses may return (B, buffer_size, D) tokens (text-to-image context)."""
+    return self.class_embedding(batch["label"], drop)
+
+  def sampling_conditions(self, labels):
+    """(conditional, unconditional) buffer conditions for sampling from `labels` (the sampler's input)."""
+    cond = self.class_embedding(labels)
+    return cond, jnp.broadcast_to(self.fake_latent[...], cond.shape)
+
   def _phase_half(self, table, phase: int, length: int):
     """Phase `phase`'s half of a per-phase parameter (the whole parameter with one phase)."""
     return table[...][:, phase * length:(phase + 1) * length]
@@ -192,7 +202,9 @@ class MAR(nnx.Module):
     b = x.shape[0]
     nb = self.buffer_size
     pos = self._phase_half(self.encoder_pos_embed, phase, nb + self.seq_len)
-    buffer = jnp.broadcast_to(class_emb[:, None, :], (b, nb, class_emb.shape[-1])) + pos[:, :nb]
+    if class_emb.ndim == 2:  # one class embedding repeated over the buffer; (B, nb, D) context tokens as they are
+      class_emb = jnp.broadcast_to(class_emb[:, None, :], (b, nb, class_emb.shape[-1]))
+    buffer = class_emb + pos[:, :nb]
     idx, valid = gather_visible(mask, capacity)
     visible = jnp.take_along_axis(x.astype(jnp.float32), idx[..., None], axis=1) + pos[0, nb:][idx]
     x = self.z_proj_ln(jnp.concatenate([buffer, visible], axis=1))
@@ -353,8 +365,8 @@ class MAR(nnx.Module):
       orders = jax.vmap(lambda k: jax.random.permutation(jax.random.fold_in(k, 0), n))(keys)
     ranks = jnp.argsort(orders, axis=-1)
     use_cfg = cfg != 1.0
-    cond = self.class_embedding(labels)
-    class_emb = jnp.concatenate([cond, jnp.broadcast_to(self.fake_latent[...], cond.shape)]) if use_cfg else cond
+    cond, uncond = self.sampling_conditions(labels)
+    class_emb = jnp.concatenate([cond, uncond]) if use_cfg else cond
 
     def body(k, tokens):
       mask, to_pred = sched.masks(ranks, k)
@@ -521,10 +533,8 @@ class HiMAR(MAR):
     """(phase-1 MLP-head loss, phase-2 DiT-head loss) for given draws (the official forward returns 2.0 x and
     0.75 x these); with return_z also the heads' conditions (z_low (B, P, Dd), z_dense (B, N, Dd))."""
     dense, low = self._tokens(batch)
-    labels = batch["label"]
     b, p, n, mul = dense.shape[0], self.prefix_tokens, self.num_tokens, self.diffusion_batch_mul
-    cond = self.class_emb(labels).astype(jnp.float32)
-    drop_class = lambda drop: jnp.where(drop[:, None], self.fake_latent[...], cond)
+    drop_class = lambda drop: self.condition(batch, drop)
     # Phase 1: pivots masked by the truncnorm ratio, every dense token masked (and never embedded).
     mask_low = masks_from_orders(draws["order_low"], draws["num_masked_low"])
     mask1 = jnp.concatenate([mask_low, jnp.ones((b, n), bool)], axis=1)
@@ -552,7 +562,7 @@ class HiMAR(MAR):
   def train_loss(self, batch, *, key, step=None):
     """Weighted two-phase loss. batch: latent (B, 16, 16, C), latent_small (B, 8, 8, C), label (B,)."""
     self._tokens(batch)  # shape errors before any work
-    draws = self.draw_training(key, batch["label"].shape[0], step)
+    draws = self.draw_training(key, batch["latent"].shape[0], step)
     loss_low, loss_dense = self.losses(batch, draws, nnx.Rngs(dropout=draws["dropout"]))
     w1, w2 = self.phase_loss_weights
     loss = w1 * loss_low + w2 * loss_dense
@@ -587,8 +597,7 @@ class HiMAR(MAR):
                                      noise_schedule=self.noise_schedule, learn_sigma=False)
     order_low, order_dense = self.sample_orders(keys) if orders is None else orders
     ranks_low, ranks_dense = jnp.argsort(order_low, axis=-1), jnp.argsort(order_dense, axis=-1)
-    cond = self.class_embedding(labels)
-    uncond = jnp.broadcast_to(self.fake_latent[...], cond.shape)
+    cond, uncond = self.sampling_conditions(labels)
     d = cond.shape[-1]
     twice = lambda x: jnp.concatenate([x, x])
 
