@@ -35,6 +35,10 @@ flags.DEFINE_string("out", None, "evaluate: output folder for chunks, sample bat
 flags.DEFINE_string("inception_weights", None, "evaluate: pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
                     "(default $HIMAR_JAX_INCEPTION_WEIGHTS).")
 
+# quickstart
+flags.DEFINE_bool("from_scratch", False, "quickstart: train the KL VAE and Hi-MAR in --workdir (GPU: minutes) instead "
+                  "of sampling the checkpoint shipped in himar_jax/assets/quickstart.")
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/quickstart.py:tiny.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
@@ -85,10 +89,12 @@ def info_verb(_) -> int:
   return 0
 
 
-def quickstart_verb(_) -> int:
-  """Trains the quickstart config on Fashion-MNIST (CPU: minutes) and writes a labelled sample grid."""
+def quickstart_verb(flags_) -> int:
+  """Writes a labelled grid of Fashion-MNIST samples: of the shipped Hi-MAR checkpoint (seconds), or of models
+  trained in --workdir with --from_scratch (pixel variants always train)."""
   from himar_jax import quickstart
-  path = quickstart.run(_require_config("quickstart"), _require_workdir("quickstart"))
+  path = quickstart.run(_require_config("quickstart"), _require_workdir("quickstart"),
+                        from_scratch=True if flags_.from_scratch else None)
   print(f"samples: {path}")
   return 0
 
