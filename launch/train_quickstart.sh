@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Trains the quickstart export (himar_jax/assets/quickstart) from scratch on one GPU and scores it.
+#
+#   launch/train_quickstart.sh OUT_DIR [FASHION_MNIST_DIR] [SECONDS] [--config.<field>=<value> ...]
+#
+# Runs `quickstart --from_scratch` (KL VAE -> normalised tokenizer -> latent cache -> Hi-MAR -> export -> grid) in
+# OUT_DIR/work with bfloat16 matmuls and grain workers. SECONDS (0 = no limit) bounds that stage: at the limit
+# SIGTERM makes the trainer in progress save and stop, and the pipeline goes on from that checkpoint. Then the
+# export is scored with the Fashion-MNIST classifier for a few sampler settings (OUT_DIR/scores.json) and packed
+# as OUT_DIR/export.tar. Environment: QUICKSTART_VARIANT (configs/quickstart.py variant, default ''),
+# QUICKSTART_WORKERS (grain workers, 12), QUICKSTART_EVAL_NUM (samples per setting, 1000). To ship it: tar -xf OUT_DIR/export.tar -C himar_jax/assets (replacing quickstart/).
+set -euo pipefail
+out=${1:?usage: launch/train_quickstart.sh OUT_DIR [FASHION_MNIST_DIR] [SECONDS] [--config.x=y ...]}
+data=${2:-/usr/share/datasets/fashion-mnist}
+seconds=${3:-0}
+shift $(( $# < 3 ? $# : 3 ))
+mkdir -p "$out"
+work="$out/work"
+workers=${QUICKSTART_WORKERS:-12}
+variant=${QUICKSTART_VARIANT:-}
+export PYTHONUNBUFFERED=1
+start=$(date +%s)
+limit=()
+if [ "$seconds" -gt 0 ]; then limit=(timeout --foreground --preserve-status -s TERM "$seconds"); fi
+"${limit[@]}" python3 -m himar_jax quickstart --workdir="$work" --config=configs/quickstart.py:"$variant" \
+  --config.quickstart.from_scratch=True \
+  --config.vae.data.path="$data" --config.model.dtype=bfloat16 --config.vae.model.dtype=bfloat16 \
+  --config.data.num_workers="$workers" --config.vae.data.num_workers="$workers" "$@" 2>&1 | tee "$out/train.log"
+echo "quickstart from scratch: $(( $(date +%s) - start )) s" | tee -a "$out/train.log"
+cp "$work/samples/grid.png" "$out/grid.png"
+tar -cf "$out/export.tar" -C "$work" --transform 's,^export,quickstart,' export
+python3 -m himar_jax.quickstart --export="$work/export" --data="$data" --num="${QUICKSTART_EVAL_NUM:-1000}" \
+  --config="$variant" --out="$out/scores.json" --setting='{}' --setting='{"cfg": 1.5, "re_cfg": 1.5}' \
+  --setting='{"cfg": 5.0, "re_cfg": 5.0}' --setting='{"num_iter": 4}' 2>&1 | tee "$out/eval.log"
+echo "total: $(( $(date +%s) - start )) s" | tee -a "$out/eval.log"
