@@ -118,7 +118,11 @@ def source_from_config(cache_config):
     if cache_config.max_examples:
       source.files, source.labels = source.files[:cache_config.max_examples], source.labels[:cache_config.max_examples]
     return source
-  raise ValueError(f"config.cache.source={name!r} is not one of 'fashion_mnist', 'image_folder'.")
+  if name == "coco":  # MS-COCO 2014 images + captions (himar_jax/data/coco.py)
+    from himar_jax.data.coco import CocoCaptionsSource
+    return CocoCaptionsSource(cache_config.path, cache_config.split, cache_config.image_size,
+                              max_examples=cache_config.max_examples)
+  raise ValueError(f"config.cache.source={name!r} is not one of 'fashion_mnist', 'image_folder', 'coco'.")
 
 
 # ---- encoding ---------------------------------------------------------------------------------------------------
@@ -225,14 +229,17 @@ def check_same_tokenizer(cache_meta: dict, tokenizer_identity: dict, where: str)
 def write_cache(source, model, kind: str, *, directory: str, tokenizer_identity: dict, image_size: int,
                 pivot_size: int, shard_size: int = 1024, batch_size: int = 64, scale_factor: float | None = None,
                 source_name: str = "", mesh: Mesh | None = None, progress: bool = True,
-                checksum: bool = True) -> dict:
+                checksum: bool = True, extra_fields: Sequence[Field] = (),
+                extra_values: Callable[[list[int]], dict] | None = None, extra_metadata: dict | None = None) -> dict:
   """Encodes every example of `source` (len, [i] -> (uint8 image (S, S, c), label)) into `directory`.
 
   Resumable: finished shards that verify are skipped; unfinished or failing ones are (re)written. Returns the
   metadata dict (with `complete` True once every shard of every process is finished).
+  extra_fields / extra_values / extra_metadata: more per-record fields (e.g. caption embeddings), computed per
+  batch as extra_values(source indices) -> {name: (n, ...) array}, and metadata entries that are part of the layout.
   """
   config = model.config
-  fields = record_fields(kind, config, image_size, pivot_size)
+  fields = record_fields(kind, config, image_size, pivot_size) + tuple(extra_fields)
   count = len(source)
   if count == 0:
     raise ValueError("the image source is empty; nothing to cache.")
@@ -242,7 +249,7 @@ def write_cache(source, model, kind: str, *, directory: str, tokenizer_identity:
           "scale_factor": float(scale_factor if scale_factor is not None else getattr(config, "scale_factor", 1.0)),
           "image_size": image_size, "pivot_size": pivot_size if kind == "kl_vae" else None,
           "count": count, "shard_size": shard_size, "num_shards": num_shards, "source": source_name,
-          "fields": [dataclasses.asdict(f) for f in fields], "complete": False}
+          "fields": [dataclasses.asdict(f) for f in fields], "complete": False, **(extra_metadata or {})}
   meta = json.loads(json.dumps(meta))  # tuples -> lists, as read back from disk
   os.makedirs(directory, exist_ok=True)
   meta_path = os.path.join(directory, METADATA)
@@ -250,7 +257,7 @@ def write_cache(source, model, kind: str, *, directory: str, tokenizer_identity:
     with open(meta_path) as f:
       old = json.load(f)
     check_same_tokenizer(old, tokenizer_identity, directory)
-    layout = ("image_size", "pivot_size", "count", "shard_size", "fields", "format_version")
+    layout = ("image_size", "pivot_size", "count", "shard_size", "fields", "format_version", *(extra_metadata or {}))
     diff = {k: (old.get(k), meta[k]) for k in layout if old.get(k) != meta[k]}
     if diff:
       raise CacheError(f"{meta_path} describes another layout ({ {k: v[0] for k, v in diff.items()} }) than "
@@ -278,7 +285,7 @@ def write_cache(source, model, kind: str, *, directory: str, tokenizer_identity:
   total = sum(ranges[k][1] - ranges[k][0] for k in todo)
   with tqdm(total=total, desc="cache-latents", unit="img", disable=not progress or jax.process_index() != 0) as bar:
     for k in todo:
-      _write_shard(directory, k, num_shards, ranges[k], source, encode, fields, batch_size, bar)
+      _write_shard(directory, k, num_shards, ranges[k], source, encode, fields, batch_size, bar, extra_values)
   _barrier()
   complete = all(verify_shard(directory, k, num_shards, e - s, checksum=False) is None
                  for k, (s, e) in enumerate(ranges))
@@ -288,7 +295,7 @@ def write_cache(source, model, kind: str, *, directory: str, tokenizer_identity:
   return meta
 
 
-def _write_shard(directory, k, num_shards, rng, source, encode, fields, batch_size, bar):
+def _write_shard(directory, k, num_shards, rng, source, encode, fields, batch_size, bar, extra_values=None):
   from array_record.python.array_record_module import ArrayRecordWriter
 
   path = os.path.join(directory, shard_name(k, num_shards))
@@ -309,6 +316,8 @@ def _write_shard(directory, k, num_shards, rng, source, encode, fields, batch_si
     if n < batch_size:  # static shapes: pad the last batch, drop the padding after encoding
       images = np.concatenate([images, np.repeat(images[-1:], batch_size - n, axis=0)])
     out = jax.device_get(encode(images))
+    if extra_values is not None:
+      out.update(extra_values(idx))
     for j in range(n):
       example = {name: value[j] for name, value in out.items()}
       example["label"], example["index"] = labels[j], idx[j]
@@ -356,7 +365,7 @@ def default_cache_config(**kw):
 
   c = ml_collections.ConfigDict()
   c.dir = ""                  # output directory of the shards
-  c.source = "image_folder"   # image_folder (root/<class>/<image>) | fashion_mnist
+  c.source = "image_folder"   # image_folder (root/<class>/<image>) | fashion_mnist | coco (root: MS-COCO 2014)
   c.path = ""                 # image folder root / Fashion-MNIST directory ("" = its default)
   c.split = "train"
   c.max_examples = 0          # > 0: only the first N images
@@ -388,10 +397,14 @@ def cache_latents(config) -> dict:
     raise CacheError(f"tokenizer checkpoint {ckpt!r} holds {tmeta['kind']} {have}, but config.tokenizer names "
                      f"{kind} {want}; fix --config.tokenizer.preset / arch or point checkpoint elsewhere.")
   source = source_from_config(c)
+  extras = {}
+  if c.source == "coco":  # caption embeddings next to the latents (himar_jax/data/coco.py)
+    from himar_jax.data.coco import caption_cache_extras
+    extras = caption_cache_extras(config, source, c.dir)
   return write_cache(source, model, kind, directory=c.dir, tokenizer_identity=tokenizer_identity(ckpt),
                      image_size=c.image_size, pivot_size=c.pivot_size, shard_size=c.shard_size,
                      batch_size=c.batch_size, scale_factor=getattr(want, "scale_factor", 1.0),
-                     source_name=f"{c.source}:{c.split}:{c.path}", progress=c.get("progress", True))
+                     source_name=f"{c.source}:{c.split}:{c.path}", progress=c.get("progress", True), **extras)
 
 
 def cache_latents_verb(flags) -> int:
