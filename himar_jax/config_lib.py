@@ -6,7 +6,7 @@ import ml_collections
 from himar_jax.data import fashion_mnist
 
 
-DATA_SOURCES = ("fashion_mnist", "image_folder", "latent_cache", "token_cache")
+DATA_SOURCES = ("fashion_mnist", "image_folder", "latent_cache", "token_cache", "coco_cache")
 
 
 def trainer_defaults() -> ml_collections.ConfigDict:
