@@ -57,6 +57,9 @@ def make_train_iterator(config):
   if config.data.source == "token_cache":  # VQ-pyramid token indices for next-scale models
     from himar_jax.data import latent_pipeline
     return latent_pipeline.make_token_iterator(config)
+  if config.data.source == "coco_cache":  # MS-COCO latents + caption contexts (himar_jax/data/coco.py)
+    from himar_jax.data import coco
+    return coco.make_train_iterator(config)
   transform = (folder_transform(config.data.random_flip) if config.data.source == "image_folder"
                else image_transform(config.data.image_size, config.data.random_flip))
   return make_iterator(train_source(config), global_batch_size=config.data.global_batch_size,
