@@ -750,11 +750,16 @@ def build(config, rngs: nnx.Rngs) -> MAR:
                     **_backbone_kwargs(m))
   if m.family == "mar":
     return MAR(num_tokens=m.grid_size ** 2, token_dim=m.token_dim, rngs=rngs, **_backbone_kwargs(m))
-  return HiMAR(grid_size=m.grid_size, lowres_grid=m.lowres_grid, token_dim=m.token_dim, dit_width=m.dit_width,
-               dit_depth=m.dit_depth, dit_heads=m.dit_heads, dit_mlp_ratio=m.dit_mlp_ratio,
-               step_stage2_rate=m.step_stage2_rate, step_warmup_epochs=m.step_warmup_epochs,
-               steps_per_epoch=m.steps_per_epoch, phase_loss_weights=tuple(m.phase_loss_weights),
-               dit_sampling_steps=m.dit_sampling_steps, rngs=rngs, **_backbone_kwargs(m))
+  return HiMAR(rngs=rngs, **himar_kwargs(m))
+
+
+def himar_kwargs(m) -> dict:
+  """HiMAR's constructor arguments from config.model (subclasses such as HiMART2I add theirs)."""
+  return dict(grid_size=m.grid_size, lowres_grid=m.lowres_grid, token_dim=m.token_dim, dit_width=m.dit_width,
+              dit_depth=m.dit_depth, dit_heads=m.dit_heads, dit_mlp_ratio=m.dit_mlp_ratio,
+              step_stage2_rate=m.step_stage2_rate, step_warmup_epochs=m.step_warmup_epochs,
+              steps_per_epoch=m.steps_per_epoch, phase_loss_weights=tuple(m.phase_loss_weights),
+              dit_sampling_steps=m.dit_sampling_steps, **_backbone_kwargs(m))
 
 
 def sample_kwargs(config) -> dict:
