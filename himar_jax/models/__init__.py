@@ -8,6 +8,7 @@ FAMILIES = {
     "pixel_mar": "himar_jax.models.himar",  # MAR on pixel patches (quickstart)
     "mar": "himar_jax.models.himar",  # MAR on KL-16 VAE latents (configs/himar.py:mar_*)
     "himar": "himar_jax.models.himar",  # Hi-MAR on KL-16 VAE latents + half-size pivots (configs/himar.py)
+    "himar_t2i": "himar_jax.models.himar_t2i",  # text-to-image Hi-MAR on MS-COCO (configs/himar_t2i.py)
     "kl_vae": "himar_jax.tokenizers.training",  # tokenizer training (configs/kl_vae.py)
     "vq_pyramid": "himar_jax.tokenizers.training",  # tokenizer training (configs/vq_pyramid.py)
     "next_scale": "himar_jax.models.next_scale",  # VAR / HMAR on VQ-pyramid tokens (configs/next_scale.py)
