@@ -24,14 +24,28 @@ VERBS = {
     "convert": "himar_jax.convert:convert_verb",
     "cache-latents": "himar_jax.data.latent_cache:cache_latents_verb",
     "evaluate": "himar_jax.evaluation.evaluate:evaluate_verb",
+    "sample": "himar_jax.sample_cli:sample_verb",
 }
 
-# evaluate
-flags.DEFINE_string("checkpoint", None, "evaluate: checkpoints folder of a training run (default "
-                    "<workdir>/checkpoints).")
-flags.DEFINE_integer("num", None, "evaluate: number of samples (default 50 per class).")
+# sample / evaluate / edit
+flags.DEFINE_string("checkpoint", None, "sample, evaluate, edit: checkpoints folder of a training run or a `convert` "
+                    "output (default <workdir>/checkpoints).")
+flags.DEFINE_integer("num", None, "sample: number of samples (default config.sample.per_class per class); evaluate: "
+                     "number of samples (default 50 per class).")
 flags.DEFINE_string("ref", None, "evaluate: reference batch .npz (ADM format; Fashion-MNIST default: test split).")
-flags.DEFINE_string("out", None, "evaluate: output folder for chunks, sample batch, metrics (default <workdir>/eval).")
+flags.DEFINE_string("out", None, "sample: output folder for PNGs, grid.png and the .npz batch (default "
+                    "<workdir>/samples); evaluate: folder for chunks, sample batch, metrics (default <workdir>/eval); "
+                    "edit: output folder.")
+flags.DEFINE_string("labels", None, "sample: comma-separated class labels to cycle through, e.g. 3,7 (default: "
+                    "class-balanced over all classes).")
+flags.DEFINE_integer("seed", None, "sample, edit: sampling seed (default config.sample.seed); sample i uses "
+                     "fold_in(key(seed), i).")
+flags.DEFINE_integer("step", None, "sample, edit: checkpoint step to restore (default the latest).")
+flags.DEFINE_integer("batch_size", None, "sample: global sampling batch (default min(num, 64), rounded up to a "
+                     "multiple of the device count).")
+flags.DEFINE_string("prompts", None, "sample: text file with one prompt a line (text-to-image family: "
+                    "himar_jax.text.sampling.sample_from_prompts).")
+flags.DEFINE_integer("per_prompt", None, "sample --prompts: images per prompt (default config.sample.per_class).")
 flags.DEFINE_string("inception_weights", None, "evaluate: pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
                     "(default $HIMAR_JAX_INCEPTION_WEIGHTS).")
 

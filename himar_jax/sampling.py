@@ -73,14 +73,16 @@ def _to_host(x) -> np.ndarray:
 
 
 def sample_batches(restored: RestoredModel, labels: np.ndarray, *, seed: int, batch_size: int | None = None,
-                   start_index: int = 0, decoder: ImageDecoder | None = None, **sample_kwargs) -> np.ndarray:
+                   start_index: int = 0, decoder: ImageDecoder | None = None, progress: bool = False,
+                   **sample_kwargs) -> np.ndarray:
   """Samples one output per label with model.sample(labels, keys=...), in global batches sharded over the mesh:
   the model's outputs (latents, token indices or pixel_mar images), or with `decoder` (load_image_decoder)
   images in [-1, 1].
 
-  Sample i (counted from `start_index`) uses key fold_in(key(seed), start_index + i), so a sample depends only
-  on (seed, its index), not on the batch or chunk it was drawn in, as long as the model draws per-row randomness
-  from its row key. Every process passes the same labels and gets all samples back.
+  Sample i (counted from `start_index`) uses key fold_in(key(seed), start_index + i), so a sample depends only on
+  (seed, its index), not on the batch or chunk it was drawn in, as long as the model draws per-row randomness
+  from its row key. Every process passes the same labels and gets all samples back. progress: a tqdm bar over
+  the batches (process 0).
   """
   labels = np.asarray(labels, np.int32)
   n_dev = sharding_lib.data_parallel_size(restored.mesh)
@@ -92,7 +94,11 @@ def sample_batches(restored: RestoredModel, labels: np.ndarray, *, seed: int, ba
   sample = _sampler(restored.graphdef, tuple(sorted(sample_kwargs.items())), decoder_key)
   base = jax.random.key(seed)
   out = []
-  for start in range(0, len(labels), batch_size):
+  starts = range(0, len(labels), batch_size)
+  if progress and jax.process_index() == 0:  # one tick per global batch
+    from tqdm.auto import tqdm
+    starts = tqdm(starts, desc="sampling", unit="batch")
+  for start in starts:
     chunk = labels[start:start + batch_size]
     n = len(chunk)
     padded = np.concatenate([chunk, np.zeros(batch_size - n, np.int32)])
