@@ -123,7 +123,7 @@ def sample_class_grid(restored: RestoredModel, config, *, num_classes: int, per_
 
 # ---- generator outputs -> images (the tokenizer's decoder) ----------------------------------------------------
 # Which tokenizer kind decodes each family's samples; pixel_mar samples are images already.
-TOKENIZER_KINDS = {"mar": "kl_vae", "himar": "kl_vae", "next_scale": "vq_pyramid"}
+TOKENIZER_KINDS = {"mar": "kl_vae", "himar": "kl_vae", "himar_t2i": "kl_vae", "next_scale": "vq_pyramid"}
 _MAKE_TOKENIZER = ("make one with `python -m himar_jax convert --config=configs/{cfg}:<variant> "
                    "--config.convert.src=<official checkpoint | train:<tokenizer training workdir>> --workdir=DIR` "
                    "(train a tokenizer first with `python -m himar_jax train --config=configs/{cfg}:<variant>`)")
@@ -175,12 +175,13 @@ def tokenizer_checkpoint(config) -> str:
 
 
 def _expected_tokenizer(config):
-  """(kind, dataclass config) that config.tokenizer.config names ("" = whatever the checkpoint holds: None)."""
+  """(kind, dataclass config) that config.tokenizer names: `config` ("configs/kl_vae.py:kl16"), or `preset` +
+  `arch` as in tokenizer configs; None when neither is set (whatever the checkpoint holds)."""
   from himar_jax import tokenizers
   tok = config.get("tokenizer", None)
   spec = tok.get("config", "") if tok is not None else ""
   if not spec:
-    return None
+    return tokenizers.from_config(tok) if tok is not None and tok.get("preset", "") else None
   tconfig = load_config_spec(spec)
   if "tokenizer" not in tconfig:
     raise ValueError(f"config.tokenizer.config={spec!r} has no `tokenizer` block; name a tokenizer config such as "
@@ -229,8 +230,10 @@ def load_tokenizer(config) -> tuple[str, nnx.Module, str]:
     module, meta = conv.load_tokenizer(ckpt)
     kind, fingerprint = meta["kind"], meta["fingerprint"]
     if expected is not None and (expected[0] != kind or expected[1] != module.config):
-      raise ValueError(f"{where} holds {kind} {module.config}, but config.tokenizer.config="
-                       f"{config.tokenizer.config!r} names {expected[0]} {expected[1]}; fix one of them.")
+      named = (f"config.tokenizer.config={config.tokenizer.config!r}" if config.tokenizer.get("config", "")
+               else f"config.tokenizer.preset={config.tokenizer.preset!r}")
+      raise ValueError(f"{where} holds {kind} {module.config}, but {named} names {expected[0]} {expected[1]}; "
+                       "fix one of them.")
   else:
     if expected is None:
       raise ValueError(f"{where} is a file: set config.tokenizer.config (e.g. 'configs/vq_pyramid.py:vq256') to "
