@@ -91,7 +91,8 @@ def validate(config) -> None:
   if not lr > 0:
     raise ValueError(f"learning rate {lr!r} (config.optim.lr or base_lr) must be > 0.")
   if config.optim.schedule not in ("constant", "cosine", "lin0"):
-    raise ValueError(f"config.optim.schedule={config.optim.schedule!r} must be 'constant', 'cosine' or 'lin0'.")
+    raise ValueError(f"config.optim.schedule={config.optim.schedule!r} must be 'constant' or 'cosine', or 'lin0' (VAR / HMAR: "
+                     "warmup, hold, linear decay).")
   if not 0.0 <= config.optim.ema_decay < 1.0:
     raise ValueError(f"config.optim.ema_decay={config.optim.ema_decay} must lie in [0, 1), e.g. 0.9999.")
   if config.optim.warmup_steps < 0:
