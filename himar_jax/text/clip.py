@@ -256,7 +256,8 @@ def load_clip_text(path: str, *, dtype=jnp.float32) -> tuple[ClipTokenizer, Clip
     where = cfg_path if os.path.isfile(cfg_path) else f"ViT-L/14's defaults (no {cfg_path})"
     raise ClipWeightsError(f"{where} pools at token id {cfg.eos_token_id} but the tokenizer's end token "
                            f"<|endoftext|> is {tokenizer.end_id}; the tokenizer and weights do not belong together.")
-  model = ClipTextEncoder(cfg, rngs=nnx.Rngs(0), dtype=dtype)
+  # Shapes only (no random init, which costs seconds on a CPU): every weight comes from the file.
+  model = nnx.eval_shape(lambda: ClipTextEncoder(cfg, rngs=nnx.Rngs(0), dtype=dtype))
   load_hf_weights(model, read_safetensors(_weights_file(path), prefixes=("text_model.",) + _BARE_PREFIXES))
   return tokenizer, model
 
