@@ -75,7 +75,8 @@ def _to_host(x) -> np.ndarray:
 def sample_batches(restored: RestoredModel, labels: np.ndarray, *, seed: int, batch_size: int | None = None,
                    start_index: int = 0, decoder: ImageDecoder | None = None, progress: bool = False,
                    **sample_kwargs) -> np.ndarray:
-  """Samples one output per label with model.sample(labels, keys=...), in global batches sharded over the mesh:
+  """Samples one output per label (class id, or any per-sample condition array such as a text context) with
+  model.sample(labels, keys=...), in global batches sharded over the mesh:
   the model's outputs (latents, token indices or pixel_mar images), or with `decoder` (load_image_decoder)
   images in [-1, 1].
 
@@ -84,7 +85,9 @@ def sample_batches(restored: RestoredModel, labels: np.ndarray, *, seed: int, ba
   from its row key. Every process passes the same labels and gets all samples back. progress: a tqdm bar over
   the batches (process 0).
   """
-  labels = np.asarray(labels, np.int32)
+  labels = np.asarray(labels)
+  if labels.dtype.kind in "iub":  # class labels; other conditions (text contexts (N, L, D)) pass as they are
+    labels = labels.astype(np.int32)
   n_dev = sharding_lib.data_parallel_size(restored.mesh)
   batch_size = batch_size or max(n_dev, min(len(labels), 64))
   batch_size = -(-batch_size // n_dev) * n_dev
@@ -101,7 +104,7 @@ def sample_batches(restored: RestoredModel, labels: np.ndarray, *, seed: int, ba
   for start in starts:
     chunk = labels[start:start + batch_size]
     n = len(chunk)
-    padded = np.concatenate([chunk, np.zeros(batch_size - n, np.int32)])
+    padded = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
     first = start_index + start
     keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(first, first + batch_size))
     images = sample(restored.params, restored.buffers, decoder_state, jax.device_put(padded, batch_sh),
