@@ -539,7 +539,7 @@ class HiMAR(MAR):
     mask_low = masks_from_orders(draws["order_low"], draws["num_masked_low"])
     mask1 = jnp.concatenate([mask_low, jnp.ones((b, n), bool)], axis=1)
     x1 = jnp.concatenate([self.cond_proj(low).astype(jnp.float32),
-                          jnp.zeros((b, n, self.fake_latent.shape[-1]), jnp.float32)], axis=1)
+                          jnp.zeros((b, n, self.z_proj.out_features), jnp.float32)], axis=1)
     h, idx, valid = self.encode(x1, mask1, drop_class(draws["drop_low"]), self.lowres_capacity, phase=0, rngs=rngs)
     z_low = self.decode(h, idx, valid, phase=0, rngs=rngs)[:, :p]
     loss_low = self.mlp_loss(z_low, low, mask_low, draws["t_low"], draws["noise_low"])
