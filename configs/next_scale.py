@@ -25,10 +25,11 @@ Data: batches {"indices": (B, L) int32 VQ-pyramid tokens, "label": (B,)} from a 
 and codebook size must equal config.model's, and its tokenizer config.model.tokenizer when that is a directory).
 Training (official): AdamW (0.9, 0.95), wd 0.05 (not on 1-D params, biases, pos/level tables, scale_mul), grad
 clip 2.0, lr 1e-4 * batch / 256, warmup ep/50 epochs; batch 768 (1024 for d30); 200/250/350/350 epochs for
-d16/20/24/30 (VAR and HMAR stage 1), HMAR stage 2 100 epochs. The official schedule then decays linearly to
-wpe (0.01 VAR, 0.1 HMAR) of the peak ('lin0'); the trainer here offers constant or cosine (constant is set).
-HMAR stage 2 trains only mask_embed, mask_blocks and the mask head: wrap the optimizer with
-himar_jax.models.next_scale.freeze_untrainable(tx, 2) and start from stage 1 with init_mask_branch_from_ns.
+d16/20/24/30 (VAR and HMAR stage 1), HMAR stage 2 100 epochs. The schedule is the official 'lin0': warmup from
+0.005 of the peak, then linear decay to wpe (0.01 VAR, 0.1 HMAR) of the peak.
+HMAR stage 1 leaves the (unused) mask branch frozen; stage 2 trains only mask_embed, mask_blocks and the mask head
+(the trainer applies models.next_scale.trainable: frozen params get no update, no weight decay, no Adam state) and
+starts from stage 1 with --config.train.init_from=<stage-1 workdir>/checkpoints (mask branch <- next-scale branch).
 """
 import math
 
@@ -95,6 +96,9 @@ def get_config(variant: str = "var_d16") -> ml_collections.ConfigDict:
   if "stage2" in extras:
     c.model.stage = 2
     c.model.loss_weighting = "uniform"  # unused: stage 2 averages over the masked tokens
+    # Start from stage 1: --config.train.init_from=<stage-1 workdir>/checkpoints; mask_blocks / mask head begin as
+    # copies of ns_blocks / ns head (False: keep the checkpoint's own mask branch, e.g. an official hmar-d*.pth).
+    c.model.init_mask_from_ns = True
   c.convert = ml_collections.ConfigDict({"src": ""})  # var_d*.pth / hmar-d*.pth (plus config.model.tokenizer)
   # The VQ pyramid that decodes samples into images (sample / evaluate / edit): `checkpoint` is a tokenizer
   # directory from `convert --config=configs/vq_pyramid.py:vq256` (or VAR's vae_ch160v4096z32.pth itself); empty
@@ -113,6 +117,10 @@ def get_config(variant: str = "var_d16") -> ml_collections.ConfigDict:
   epoch = math.ceil(IMAGENET_TRAIN / c.data.global_batch_size)
   epochs = 100 if "stage2" in extras else EPOCHS.get(depth, 200)
   c.optim.warmup_steps = max(1, epochs * epoch // 50)  # wp = ep / 50 epochs
+  # 'lin0' (VAR / HMAR lr_control.py): warmup from wp0 = 0.005 of the peak, hold, then linear to wpe of the peak.
+  c.optim.schedule = "lin0"
+  c.optim.warmup_start_fraction = 0.005
+  c.optim.final_lr_fraction = 0.01 if kind == "var" else 0.1
   c.train.num_steps = epochs * epoch
 
   if size == "tiny":

@@ -664,6 +664,30 @@ def init_mask_branch_from_ns(model: NextScaleTransformer) -> None:
 
 
 # ---- family interface -------------------------------------------------------------------------------------------
+def trainable(config, params):
+  """Trainer hook (himar_jax/train/loop.py -> make_optimizer): bool tree, True where a param trains. VAR: all.
+  HMAR stage 2: the mask branch only (trainable_mask(params, 2)). HMAR stage 1: all but the mask branch, which
+  stage 1 never uses (the official NSP model has none): frozen, weight decay does not shrink mask_embed before
+  stage 2 starts from it."""
+  m = config.model
+  if m.kind != "hmar":
+    return jax.tree.map(lambda _: True, params)
+  stage2 = trainable_mask(params, 2)
+  return stage2 if m.get("stage", 1) == 2 else jax.tree.map(lambda t: not t, stage2)
+
+
+def adapt_restored_params(config, params):
+  """Trainer hook for config.train.init_from: HMAR stage 2 from a stage-1 checkpoint starts mask_blocks and the
+  mask head as copies of ns_blocks and the ns head (the official MaskedPrediction loads the NSP weights; set
+  config.model.init_mask_from_ns=False to keep a checkpoint's own mask branch, e.g. a stage-2 run)."""
+  m = config.model
+  if m.kind != "hmar" or m.get("stage", 1) != 2 or not m.get("init_mask_from_ns", True):
+    return params
+  out = dict(params)
+  out["mask_blocks"], out["mask_head"] = params["ns_blocks"], params["ns_head"]
+  return out
+
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 

@@ -1,7 +1,9 @@
-"""The training loop: mesh, model, data, state (fresh or resumed), jitted step, CLU logging, checkpoints."""
+"""The training loop: mesh, model, data, state (fresh, from another run's params with config.train.init_from, or
+resumed), jitted step, CLU logging, checkpoints. Resuming a workdir's own checkpoint always wins over init_from."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -16,7 +18,8 @@ from himar_jax import config_lib, data, models
 from himar_jax.parallel import mesh as mesh_lib, sharding as sharding_lib
 from himar_jax.train import checkpoint as ckpt_lib
 from himar_jax.train.optimizer import make_optimizer
-from himar_jax.train.state import TrainState, count_params, init_train_state, make_train_setup
+from himar_jax.train.state import (TrainState, count_params, init_train_state, init_train_state_from,
+                                   make_train_setup)
 from himar_jax.train.step import make_train_step
 
 log = logging.getLogger(__name__)
@@ -52,6 +55,29 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(workdir, "checkpoints")
 
 
+def optimizer_for(config, num_steps: int):
+  """make_optimizer with the model family's `trainable(config, params)` hook when it has one (frozen params: no
+  update, no weight decay, no Adam moments; e.g. HMAR stage 2 trains only its mask branch)."""
+  trainable = getattr(models.family_module(config), "trainable", None)
+  return make_optimizer(config, num_steps,
+                        trainable=None if trainable is None else functools.partial(trainable, config))
+
+
+def initial_state(config, setup) -> TrainState:
+  """A fresh state, or with config.train.init_from the params (and buffers) of that checkpoint, passed through
+  the family's `adapt_restored_params(config, params)` hook when it has one (HMAR stage 2 from stage 1)."""
+  init_from = config.train.get("init_from", "")
+  if not init_from:
+    state = init_train_state(setup, config.seed)
+    log.info("initialised %s parameters", f"{count_params(state.params):,}")
+    return state
+  adapt = getattr(models.family_module(config), "adapt_restored_params", None)
+  state = init_train_state_from(setup, config.seed, init_from, field=config.train.get("init_from_field", "params"),
+                                adapt=None if adapt is None else functools.partial(adapt, config))
+  log.info("initialised %s parameters from %s", f"{count_params(state.params):,}", init_from)
+  return state
+
+
 def train(config, workdir: str, *, stop_after: int | None = None) -> TrainState:
   """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns the final state.
 
@@ -67,15 +93,14 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> TrainState:
                      f"data-parallel size {dp} (mesh data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}); "
                      f"use a multiple of {dp} or change config.mesh.shape.")
   num_steps = int(config.train.num_steps)
-  setup = make_train_setup(models.model_fn(config), make_optimizer(config, num_steps), mesh)
+  setup = make_train_setup(models.model_fn(config), optimizer_for(config, num_steps), mesh)
   data_iter = data.make_train_iterator(config)
   ckpt = ckpt_lib.Checkpointer(checkpoint_dir(workdir), max_to_keep=config.train.keep_checkpoints,
                                save_interval_steps=1, async_save=config.train.async_checkpoint)
   start = ckpt.latest_step()
   if start is None:
-    state = init_train_state(setup, config.seed)
+    state = initial_state(config, setup)
     start = 0
-    log.info("initialised %s parameters", f"{count_params(state.params):,}")
   else:
     state = ckpt.restore(start, setup.abstract_state, data_iter)
     log.info("resumed from %s at step %d", ckpt.directory, start)
