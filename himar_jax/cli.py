@@ -25,13 +25,14 @@ VERBS = {
     "cache-latents": "himar_jax.data.latent_cache:cache_latents_verb",
     "evaluate": "himar_jax.evaluation.evaluate:evaluate_verb",
     "sample": "himar_jax.sample_cli:sample_verb",
+    "edit": "himar_jax.editing:edit_verb",
 }
 
 # sample / evaluate / edit
 flags.DEFINE_string("checkpoint", None, "sample, evaluate, edit: checkpoints folder of a training run or a `convert` "
                     "output (default <workdir>/checkpoints).")
 flags.DEFINE_integer("num", None, "sample: number of samples (default config.sample.per_class per class); evaluate: "
-                     "number of samples (default 50 per class).")
+                     "number of samples (default 50 per class); edit: edits of the image (default 4).")
 flags.DEFINE_string("ref", None, "evaluate: reference batch .npz (ADM format; Fashion-MNIST default: test split).")
 flags.DEFINE_string("out", None, "sample: output folder for PNGs, grid.png and the .npz batch (default "
                     "<workdir>/samples); evaluate: folder for chunks, sample batch, metrics (default <workdir>/eval); "
@@ -46,6 +47,13 @@ flags.DEFINE_integer("batch_size", None, "sample: global sampling batch (default
 flags.DEFINE_string("prompts", None, "sample: text file with one prompt a line (text-to-image family: "
                     "himar_jax.text.sampling.sample_from_prompts).")
 flags.DEFINE_integer("per_prompt", None, "sample --prompts: images per prompt (default config.sample.per_class).")
+# edit
+flags.DEFINE_string("image", None, "edit: the image to edit (exactly the model's image size).")
+flags.DEFINE_string("mask", None, "edit: mask image of the same size; white (>= 128) = generate.")
+flags.DEFINE_string("box", None, "edit: x0,y0,x1,y1 pixel box to generate (x1/y1 exclusive), instead of --mask.")
+flags.DEFINE_bool("outpaint", False, "edit: keep the box / white part of the mask and generate everything else.")
+flags.DEFINE_integer("label", None, "edit: class of the generated region (another class than the image's: "
+                     "class-conditional editing).")
 flags.DEFINE_string("inception_weights", None, "evaluate: pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
                     "(default $HIMAR_JAX_INCEPTION_WEIGHTS).")
 

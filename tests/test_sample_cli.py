@@ -19,8 +19,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VQ_TINY = tokenizers.vq_pyramid.tiny_config(1, vocab_size=16, z_channels=4, patch_nums=(1, 2, 3, 4))
 
 
-def save_random_checkpoint(config, out_dir: str, seed: int = 0, buffers_from=None) -> str:
-  """A randomly initialised model of `config` as an orbax checkpoint <out_dir>/0/state (params = ema_params)."""
+def save_random_checkpoint(config, out_dir: str, seed: int = 0, buffers_from=None, jitter: float = 0.0) -> str:
+  """A randomly initialised model of `config` as an orbax checkpoint <out_dir>/0/state (params = ema_params).
+  jitter > 0 adds N(0, jitter^2) to every parameter, so zero-initialised output layers (the diffusion heads')
+  make the outputs depend on the condition, as a trained model's do."""
   import orbax.checkpoint as ocp
   model = models.model_fn(config)(nnx.Rngs(seed))
   if buffers_from is not None:  # next_scale: the generator holds the tokenizer's codebook and phi convs
@@ -28,6 +30,11 @@ def save_random_checkpoint(config, out_dir: str, seed: int = 0, buffers_from=Non
     load_tokenizer(model, buffers_from)
   _, params, buffers = nnx.split(model, nnx.Param, ...)
   params, buffers = nnx.to_pure_dict(params), nnx.to_pure_dict(buffers)
+  if jitter:
+    leaves, treedef = jax.tree.flatten(params)
+    rng = np.random.default_rng(seed)
+    params = jax.tree.unflatten(treedef, [x + jitter * rng.standard_normal(x.shape).astype(np.float32)
+                                          for x in leaves])
   with ocp.PyTreeCheckpointer() as ckptr:
     ckptr.save(os.path.join(out_dir, "0", "state"), {"params": params, "ema_params": params, "buffers": buffers,
                                                       "step": jnp.asarray(0, jnp.int32)})

@@ -80,6 +80,14 @@ def gather_visible(mask, capacity: int):
   return idx, valid
 
 
+def _place_known(tokens, known, known_mask):
+  """Editing: `known` (B, n, C) where known_mask (B, n) is True, `tokens` elsewhere (shapes checked)."""
+  if known is None or known.shape != tokens.shape or known_mask.shape != tokens.shape[:2]:
+    raise ValueError(f"editing needs known tokens {tokens.shape} and known_mask {tokens.shape[:2]}; got "
+                     f"{None if known is None else known.shape} and {known_mask.shape}.")
+  return jnp.where(known_mask[..., None], known.astype(jnp.float32), tokens)
+
+
 def cosine_mask_lengths(num_tokens: int, num_iter: int) -> np.ndarray:
   """Tokens still masked after each sampling step (MAR: floor(N cos(pi/2 (k+1)/K)) clamped to [1, left - 1];
   the last step predicts all remaining). Host-side: the schedule is the same for every row."""
@@ -352,10 +360,13 @@ class MAR(nnx.Module):
     return padded.at[jnp.arange(b)[:, None], target].set(new)[:, :n]
 
   def sample_tokens(self, labels, *, keys, num_iter: int, cfg: float = 1.0, cfg_schedule: str = "linear",
-                    temperature: float = 1.0, num_sampling_steps: str | None = None, orders=None, noise=None):
+                    temperature: float = 1.0, num_sampling_steps: str | None = None, orders=None, noise=None,
+                    known=None, known_mask=None):
     """MAR's iterative sampler. keys (B,) per-row keys: row b's order and noise depend only on keys[b].
 
     Tests may inject `orders` (B, N) and `noise` = dict(init (K, B, cap, C), steps (K, T, B, cap, C)).
+    Editing: known (B, N, C) tokens where known_mask (B, N) is True are visible from the first step and never
+    overwritten; the other tokens are generated over the same num_iter steps (KnownMaskSchedule).
     """
     b, n, c = labels.shape[0], self.num_tokens, self.token_dim
     sched = MaskSchedule(n, num_iter, cfg, cfg_schedule)
@@ -364,6 +375,10 @@ class MAR(nnx.Module):
     if orders is None:
       orders = jax.vmap(lambda k: jax.random.permutation(jax.random.fold_in(k, 0), n))(keys)
     ranks = jnp.argsort(orders, axis=-1)
+    init = jnp.zeros((b, n, c), jnp.float32)
+    if known_mask is not None:
+      sched, ranks = sched.with_known(ranks, known_mask)
+      init = _place_known(init, known, known_mask)
     use_cfg = cfg != 1.0
     cond, uncond = self.sampling_conditions(labels)
     class_emb = jnp.concatenate([cond, uncond]) if use_cfg else cond
@@ -380,7 +395,7 @@ class MAR(nnx.Module):
           noise=None if noise is None else (noise["init"][k], noise["steps"][k]))
       return self._scatter_rows(tokens, new, pidx, pvalid)
 
-    return jax.lax.fori_loop(0, num_iter, body, jnp.zeros((b, n, c), jnp.float32))
+    return jax.lax.fori_loop(0, num_iter, body, init)
 
   def sample(self, labels, *, keys, **kwargs):
     """Latent maps (B, h, w, C) (tokens in row-major order, patch size 1)."""
@@ -419,6 +434,44 @@ class MaskSchedule:
     if self.cfg_schedule == "constant":
       return jnp.float32(self.cfg)
     return 1.0 + (self.cfg - 1.0) * (self.n - jnp.asarray(self.cfg_lengths, jnp.float32)[k]) / self.n
+
+  def with_known(self, ranks, known_mask):
+    """Editing (inpainting, outpainting): (schedule, ranks) for rows whose `known_mask` (B, n) tokens are given.
+    See KnownMaskSchedule."""
+    if known_mask.shape != ranks.shape:
+      raise ValueError(f"known_mask {known_mask.shape} must have the shape of the token grid {ranks.shape}.")
+    return KnownMaskSchedule(self, known_mask), KnownMaskSchedule.known_last(ranks, known_mask)
+
+
+class KnownMaskSchedule(MaskSchedule):
+  """The cosine schedule over each row's u unknown tokens: known tokens are visible from the first step and never
+  predicted, unknown tokens keep their random order and take ranks 0..u-1 (known_last), and step k masks ranks <
+  left_k(u) and predicts ranks in [lengths_k(u), left_k(u)) with lengths(u) = cosine_mask_lengths(u, K), so every
+  unknown token is predicted exactly once in the same K steps. With nothing known this is MaskSchedule. The CFG
+  ramp (scale) is the unedited one. Capacity: the most tokens any row can predict in one step, over all u."""
+
+  def __init__(self, base: MaskSchedule, known_mask):
+    n, num_iter = base.n, len(base.lengths)
+    self.n, self.cfg, self.cfg_schedule = n, base.cfg, base.cfg_schedule
+    self.lengths, self.left, self.cfg_lengths = base.lengths, base.left, base.cfg_lengths
+    table = np.zeros((n + 1, num_iter), np.int32)
+    for u in range(1, n + 1):
+      table[u] = cosine_mask_lengths(u, num_iter)
+    left = np.concatenate([np.arange(n + 1, dtype=np.int32)[:, None], table[:, :-1]], axis=1)
+    self.capacity = max(1, int(np.max(left - table)))
+    unknown = jnp.sum(~known_mask.astype(bool), axis=-1)
+    self.row_lengths, self.row_left = jnp.asarray(table)[unknown], jnp.asarray(left)[unknown]  # (B, K)
+
+  @staticmethod
+  def known_last(ranks, known_mask):
+    """Ranks with every unknown token before every known one, each group in its original order."""
+    n = ranks.shape[-1]
+    return jnp.argsort(jnp.argsort(jnp.where(known_mask, n + ranks, ranks), axis=-1), axis=-1)
+
+  def masks(self, ranks, k):
+    left, lengths = self.row_left[:, k][:, None], self.row_lengths[:, k][:, None]
+    mask = ranks < left
+    return mask, mask & (ranks >= lengths)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -581,8 +634,13 @@ class HiMAR(MAR):
 
   def sample_tokens(self, labels, *, keys, num_iter: int, cfg: float = 1.0, re_cfg: float = 1.0,
                     cfg_schedule: str = "linear", temperature: float = 1.0, num_sampling_steps: str | None = None,
-                    dit_sampling_steps: str | None = None, orders=None, noise=None):
+                    dit_sampling_steps: str | None = None, orders=None, noise=None, known=None, known_mask=None):
     """Hi-MAR's two-phase sampler: (pivots (B, P, C), dense tokens (B, N, C)).
+
+    Editing: known = (pivots (B, P, C), dense (B, N, C)) with known_mask = ((B, P), (B, N)): known pivots (the
+    latents of the known low-resolution image) are visible from phase 1's first step, known dense tokens from
+    phase 2's; neither is ever overwritten (KnownMaskSchedule). Phase 2 sees null pivots at the known pivot
+    positions, as training does for pivots visible in phase 1.
 
     keys (B,): row b's orders and noise depend only on keys[b]. Tests may inject `orders` (low (B, P), dense
     (B, N)) and `noise` = dict(low_init (K1, B, cap1, C), low_steps (K1, T1, B, cap1, C), dense_init
@@ -597,6 +655,12 @@ class HiMAR(MAR):
                                      noise_schedule=self.noise_schedule, learn_sigma=False)
     order_low, order_dense = self.sample_orders(keys) if orders is None else orders
     ranks_low, ranks_dense = jnp.argsort(order_low, axis=-1), jnp.argsort(order_dense, axis=-1)
+    init_low, init_dense = jnp.zeros((b, p, c), jnp.float32), jnp.zeros((b, n, c), jnp.float32)
+    if known_mask is not None:
+      low_sched, ranks_low = low_sched.with_known(ranks_low, known_mask[0])
+      dense_sched, ranks_dense = dense_sched.with_known(ranks_dense, known_mask[1])
+      init_low, init_dense = _place_known(init_low, known[0], known_mask[0]), _place_known(init_dense, known[1],
+                                                                                            known_mask[1])
     cond, uncond = self.sampling_conditions(labels)
     d = cond.shape[-1]
     twice = lambda x: jnp.concatenate([x, x])
@@ -622,13 +686,13 @@ class HiMAR(MAR):
           temperature=temperature, noise=step_noise)
       return self._scatter_rows(low, new, pidx, pvalid), small_z
 
-    init = (jnp.zeros((b, p, c), jnp.float32), jnp.zeros((b, p, self.diffusion_pos_embed.shape[-1]), jnp.float32))
+    init = (init_low, jnp.zeros((b, p, self.diffusion_pos_embed.shape[-1]), jnp.float32))
     low, small_z = jax.lax.fori_loop(0, low_sched.lengths.shape[0], low_body, init)
 
     # Phase 2: dense map; both CFG halves see the conditional pivots.
     cfg2 = cfg != 1.0
     class2 = jnp.concatenate([cond, uncond]) if cfg2 else cond
-    pivots = self.pivot_inputs(small_z)
+    pivots = self.pivot_inputs(small_z, None if known_mask is None else known_mask[0])
     dense_keys = jax.vmap(lambda kk: jax.random.fold_in(kk, 3))(keys)
     t2 = dit_diffusion.num_timesteps
 
@@ -652,7 +716,7 @@ class HiMAR(MAR):
                                   noise=x_init, step_noise=steps)
       return jnp.where(mask[..., None], new, dense)
 
-    dense = jax.lax.fori_loop(0, num_iter, dense_body, jnp.zeros((b, n, c), jnp.float32))
+    dense = jax.lax.fori_loop(0, num_iter, dense_body, init_dense)
     return low, dense
 
   def sample(self, labels, *, keys, **kwargs):
