@@ -88,6 +88,8 @@ def _vae(tiny: bool) -> ml_collections.ConfigDict:
   if tiny:
     v.data.max_examples = v.cache.max_examples = 64
     v.cache.update(shard_size=32, batch_size=16)
+    v.loss.gan_weight = 0.0  # no discriminator: a smaller program to compile in tests
+    v.train.update(num_steps=2, checkpoint_every=2, async_checkpoint=False)
   return v
 
 
@@ -129,14 +131,14 @@ def _himar(c: ml_collections.ConfigDict, tiny: bool) -> ml_collections.ConfigDic
   c.data.image_size = 32
   c.data.global_batch_size = 256
   m.steps_per_epoch = 60_000 // c.data.global_batch_size
-  c.optim.lr = 1e-3
+  c.optim.lr = 8e-4
   c.optim.warmup_steps = 500
   c.optim.weight_decay = 0.02
   c.optim.no_decay_keywords = ("diffusion_head", "dit_head")
   c.optim.schedule = "cosine"
   c.optim.final_lr_fraction = 0.05
   c.optim.ema_decay = 0.999
-  c.train.num_steps = 20_000
+  c.train.num_steps = 24_000
   c.train.log_every = 200
   c.train.checkpoint_every = 5000
   c.train.keep_checkpoints = 1
@@ -160,13 +162,14 @@ def _himar(c: ml_collections.ConfigDict, tiny: bool) -> ml_collections.ConfigDic
     m.head_width, m.head_depth = 32, 1
     m.dit_width, m.dit_depth, m.dit_heads = 16, 1, 2
     m.dropout = 0.0
+    m.encoder_buckets = 1
     m.diffusion_batch_mul = 1
     m.num_sampling_steps = m.dit_sampling_steps = "3"
     m.num_iter = 2
     m.steps_per_epoch, m.step_warmup_epochs = 1, 2
     c.data.global_batch_size = 16
     c.optim.warmup_steps = 1
-    c.train.update(num_steps=3, log_every=1, checkpoint_every=3, progress_bar=False, async_checkpoint=False)
+    c.train.update(num_steps=2, log_every=1, checkpoint_every=2, progress_bar=False, async_checkpoint=False)
     c.quickstart.normalize_samples = 32
     c.sample.per_class = 1
   return c

@@ -222,7 +222,8 @@ def decode(config, latents: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
                          for i in range(0, len(latents), batch_size)])
 
 
-def sample_export(config, export_dir: str, labels, *, seed: int, **overrides) -> np.ndarray:
+def sample_export(config, export_dir: str, labels, *, seed: int, batch_size: int | None = None,
+                  **overrides) -> np.ndarray:
   """uint8 images (N, H, W, 1), one per label, from a quickstart export (sample i uses fold_in(key(seed), i));
   `overrides` replace the config's sampler settings (num_iter, cfg, re_cfg, ...)."""
   from himar_jax import models
@@ -231,7 +232,7 @@ def sample_export(config, export_dir: str, labels, *, seed: int, **overrides) ->
   config = export_config(config, export_dir)
   restored = restore_model_for_sampling(config, os.path.join(export_dir, "checkpoints"))
   kwargs = {**models.family_module(config).sample_kwargs(config), **overrides}
-  latents = sample_batches(restored, np.asarray(labels), seed=seed, **kwargs)
+  latents = sample_batches(restored, np.asarray(labels), seed=seed, batch_size=batch_size, **kwargs)
   return to_uint8(decode(config, latents))
 
 
@@ -261,7 +262,7 @@ def run(config, workdir: str, *, from_scratch: bool | None = None) -> str:
 
 # ---- evaluation of an export (launch/train_quickstart.sh) --------------------------------------------------------
 def evaluate_export(config, export_dir: str, *, num: int, data_path: str, settings: dict | None = None,
-                    seed: int = 0) -> dict:
+                    seed: int = 0, batch_size: int | None = None) -> dict:
   """Fashion-MNIST classifier scores of `num` class-balanced samples of an export: class_accuracy (argmax vs
   the label asked for), fmnist_fd (Frechet distance of the classifier's features to the test split), precision,
   recall; `settings` override the sampler's. Returns the scores, the settings and the seconds taken."""
@@ -269,7 +270,7 @@ def evaluate_export(config, export_dir: str, *, num: int, data_path: str, settin
 
   t0 = time.time()
   labels = class_balanced_labels(num, config.model.num_classes)
-  images = sample_export(config, export_dir, labels, seed=seed, **(settings or {}))
+  images = sample_export(config, export_dir, labels, seed=seed, batch_size=batch_size, **(settings or {}))
   seconds = time.time() - t0
   scores = score_fashion_mnist(images, labels, ref=None, data_path=data_path)
   return {"num": num, "settings": settings or {}, "sample_seconds": round(seconds, 1),
@@ -284,6 +285,7 @@ def main(argv=None) -> int:
   parser.add_argument("--export", required=True, help="a quickstart export (<workdir>/export or the shipped one)")
   parser.add_argument("--config", default="", help="configs/quickstart.py variant ('' = the Hi-MAR quickstart)")
   parser.add_argument("--num", type=int, default=1000)
+  parser.add_argument("--batch_size", type=int, default=500)
   parser.add_argument("--data", default=fashion_mnist.DEFAULT_PATH, help="folder with the test split IDX files")
   parser.add_argument("--setting", action="append", default=[], help="JSON dict of sampler overrides; repeatable")
   parser.add_argument("--out", default="", help="JSON file for the list of results")
@@ -295,7 +297,7 @@ def main(argv=None) -> int:
   results = []
   for setting in args.setting or ["{}"]:
     results.append(evaluate_export(config, args.export, num=args.num, data_path=args.data,
-                                   settings=json.loads(setting)))
+                                   settings=json.loads(setting), batch_size=args.batch_size))
     print(json.dumps(results[-1]), flush=True)
   if args.out:
     with open(args.out, "w") as f:
