@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from himar_jax.convert import state_dict as sd_lib
 from himar_jax.models.heads import sincos_pos_embed_2d
 
 HEAD_KINDS = ("mlp", "dit")
@@ -133,23 +134,10 @@ def load_head_state_dict(head: nnx.Module, kind: str, state_dict: Mapping[str, n
                          prefix: str = "") -> list[str]:
   """Copies official head weights into `head` (MlpHead for 'mlp', DiTHead for 'dit'); returns the dropped keys.
 
-  Raises ValueError naming every missing parameter, unexpected key and shape mismatch.
+  Raises CheckpointMismatchError (a ValueError) naming every missing parameter, unexpected key and shape mismatch.
   """
   converted, dropped = convert_head_state_dict(kind, state_dict, prefix=prefix)
-  targets = {path: var for path, var in nnx.to_flat_state(nnx.state(head, nnx.Param))}
-  problems = []
-  for path, value in converted.items():
-    var = targets.get(path)
-    name = ".".join(map(str, path))
-    if var is None:
-      problems.append(f"unexpected: {name}")
-    elif tuple(var.get_value().shape) != value.shape:
-      problems.append(f"shape: {name} is {tuple(var.get_value().shape)} in the model, {value.shape} in the "
-                      "checkpoint")
-  problems += [f"missing: {'.'.join(map(str, p))}" for p in targets if p not in converted]
-  if problems:
-    raise ValueError(f"the {kind} head checkpoint (prefix {prefix!r}) does not fit the model (check width, depth, "
-                     "token / condition channels, learn_sigma):\n  " + "\n  ".join(problems))
-  for path, value in converted.items():
-    targets[path].set_value(jnp.asarray(value, jnp.float32))
+  sd_lib.load(sd_lib.flat_variables(head, nnx.Param), converted, dtype=jnp.float32,
+              header=f"the {kind} head checkpoint (prefix {prefix!r}) does not fit the model (check width, depth, "
+                     "token / condition channels, learn_sigma)")
   return dropped

@@ -25,7 +25,11 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from himar_jax.convert import state_dict as sd_lib
 from himar_jax.convert.heads import convert_head_state_dict
+from himar_jax.convert.state_dict import CheckpointMismatchError  # noqa: F401 (re-exported)
+
+HINT = "pick the config variant of the same family and size, e.g. configs/himar.py:himar_b for Hi-MAR-B"
 
 KINDS = ("mar", "himar")
 HEAD_PREFIXES = {"mlp": ("diffloss.net.", "diffusion_head"), "dit": ("cond_diffloss.net.", "dit_head")}
@@ -46,10 +50,6 @@ _PARAMS = {  # bare nn.Parameters (no module)
     "diffusion_pos_embed_learned": "diffusion_pos_embed",
 }
 _BLOCK_PARAMS = re.compile(r"(encoder|decoder)_blocks\.(\d+)\.adaLN_(scale|shift)")
-
-
-class CheckpointMismatchError(ValueError):
-  pass
 
 
 def _as_path(dotted: str) -> tuple:
@@ -108,20 +108,7 @@ def convert_state_dict(kind: str, state_dict: Mapping[str, np.ndarray]) -> tuple
 def check_against(flat: Mapping[tuple, np.ndarray], abstract_params: Mapping[tuple, object], *,
                   unexpected=(), what: str = "checkpoint") -> None:
   """Raises CheckpointMismatchError naming every missing / unexpected parameter and shape mismatch."""
-  problems = [f"unexpected key: {k}" for k in unexpected]
-  for path, value in flat.items():
-    name = ".".join(map(str, path))
-    if path not in abstract_params:
-      problems.append(f"unexpected: {name}")
-    elif tuple(abstract_params[path].shape) != value.shape:
-      problems.append(f"shape: {name} is {tuple(abstract_params[path].shape)} in the model, {value.shape} in the "
-                      f"{what}")
-  problems += [f"missing: {'.'.join(map(str, p))}" for p in abstract_params if p not in flat]
-  if problems:
-    raise CheckpointMismatchError(
-        f"the {what} does not fit the configured model (pick the config variant of the same family and size, "
-        "e.g. configs/himar.py:himar_b for Hi-MAR-B):\n  " + "\n  ".join(problems[:40])
-        + (f"\n  ... and {len(problems) - 40} more" if len(problems) > 40 else ""))
+  sd_lib.check_against(flat, abstract_params, unexpected=unexpected, what=what, hint=HINT)
 
 
 def unflatten(flat: Mapping[tuple, np.ndarray]) -> dict:
@@ -231,8 +218,6 @@ def load_into(model, kind: str, state_dict: Mapping[str, np.ndarray]) -> list[st
   from flax import nnx
 
   flat, dropped, unexpected = convert_state_dict(kind, state_dict)
-  targets = {path: var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-  check_against(flat, {p: v.get_value() for p, v in targets.items()}, unexpected=unexpected)
-  for path, value in flat.items():
-    targets[path].set_value(jnp.asarray(value, jnp.float32))
+  sd_lib.load(sd_lib.flat_variables(model, nnx.Param), flat, unexpected=unexpected, dtype=jnp.float32,
+              header=f"the checkpoint does not fit the configured model ({HINT})")
   return dropped

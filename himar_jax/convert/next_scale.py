@@ -23,7 +23,11 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from himar_jax.convert.himar import CheckpointMismatchError, check_against, unflatten
+from himar_jax.convert import state_dict as sd_lib
+from himar_jax.convert.himar import unflatten
+from himar_jax.convert.state_dict import CheckpointMismatchError
+
+HINT = "pick the configs/next_scale.py variant of the checkpoint's kind and depth, e.g. var_d16 or hmar_d16"
 from himar_jax.convert.tokenizers import load_torch_state_dict, map_key
 
 _DROPPED = re.compile(r"(attn_bias_for_masking|lvl_1L|.*\.attn\.zero_k_bias)")
@@ -106,7 +110,7 @@ def convert_for_config(config, state_dict: Mapping[str, np.ndarray], *, what: st
         f"the {what} holds a {kind.upper()} model of depth {depth} (width {width}) but the config builds "
         f"{m.kind.upper()} depth {m.depth} (width {m.width}); use configs/next_scale.py:{kind}_d{depth}.")
   flat, _, unexpected = convert_state_dict(state_dict)
-  check_against(flat, abstract_param_shapes(config), unexpected=unexpected, what=what)
+  sd_lib.check_against(flat, abstract_param_shapes(config), unexpected=unexpected, what=what, hint=HINT)
   return unflatten(flat)
 
 
@@ -129,34 +133,21 @@ def tokenizer_arrays(vae_state_dict: Mapping[str, np.ndarray]) -> dict:
 
 def load_into(model, state_dict: Mapping[str, np.ndarray], vae_state_dict: Mapping[str, np.ndarray] | None = None):
   """Copies an official state dict (and optionally the tokenizer's codebook / phi) into a built model."""
-  import jax.numpy as jnp
   from flax import nnx
 
   flat, _, unexpected = convert_state_dict(state_dict)
-  targets = {path: var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-  check_against(flat, {p: v.get_value() for p, v in targets.items()}, unexpected=unexpected)
-  for path, value in flat.items():
-    targets[path].set_value(jnp.asarray(value))
+  sd_lib.load(sd_lib.flat_variables(model, nnx.Param), flat, unexpected=unexpected,
+              header=f"the checkpoint does not fit the configured model ({HINT})")
   if vae_state_dict is not None:
     load_tokenizer_arrays(model, tokenizer_arrays(vae_state_dict))
 
 
 def load_tokenizer_arrays(model, arrays: Mapping[tuple, np.ndarray]) -> None:
-  import jax.numpy as jnp
-  from flax import nnx
-
+  """Codebook / phi arrays {path under model.vq: array} into the model's frozen `vq` (shapes checked)."""
   from himar_jax.models.next_scale import TokenizerWeight
-  targets = {path: var for path, var in nnx.to_flat_state(nnx.state(model.vq, TokenizerWeight))}
-  problems = [f"missing: vq.{'.'.join(map(str, p))}" for p in targets if p not in arrays]
-  problems += [f"unexpected: {'.'.join(map(str, p))}" for p in arrays if p not in targets]
-  problems += [f"shape: vq.{'.'.join(map(str, p))} is {tuple(targets[p].get_value().shape)} in the model, "
-               f"{arrays[p].shape} in the tokenizer" for p in arrays
-               if p in targets and tuple(targets[p].get_value().shape) != arrays[p].shape]
-  if problems:
-    raise CheckpointMismatchError("the tokenizer does not fit the model's VQ settings (vocab_size, z_channels, "
-                                  "share_quant_resi):\n  " + "\n  ".join(problems))
-  for path, value in arrays.items():
-    targets[path].set_value(jnp.asarray(value))
+  targets = {("vq",) + path: var for path, var in sd_lib.flat_variables(model.vq, TokenizerWeight).items()}
+  sd_lib.load(targets, {("vq",) + tuple(path): value for path, value in arrays.items()}, what="tokenizer",
+              header="the tokenizer does not fit the model's VQ settings (vocab_size, z_channels, share_quant_resi)")
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:

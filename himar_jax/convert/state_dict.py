@@ -113,24 +113,34 @@ def raise_problems(problems: Sequence[str], header: str, error: type = Checkpoin
     raise error(f"{header}:\n  {listed}{more}")
 
 
+def check_against(arrays: Mapping[tuple, object], targets: Mapping[tuple, object], *, unexpected: Sequence[str] = (),
+                  what: str = "checkpoint", hint: str = "pick the config variant of the checkpoint's family and "
+                  "size") -> None:
+  """Raises CheckpointMismatchError naming every unexpected key, shape mismatch and missing target."""
+  problems, _ = find_problems(arrays, targets, unexpected=unexpected, what=what)
+  raise_problems(problems, f"the {what} does not fit the configured model ({hint})")
+
+
 def load(targets: Mapping[tuple, object], arrays: Mapping[tuple, np.ndarray], *, header: str,
          unexpected: Sequence[str] = (), sources: Mapping[tuple, str] | None = None,
          originals: Mapping[str, object] | None = None, what: str = "checkpoint", allow_unexpected: bool = False,
          fill_missing: Callable[[tuple, object], bool] | None = None,
          tolerate_shape: Callable[[tuple], bool] | None = None, dtype=None,
          error: type = CheckpointMismatchError) -> LoadReport:
-  """Checks, then writes `arrays` into the nnx.Variables `targets` ({path: variable}).
+  """Checks, then writes `arrays` into the nnx.Variables `targets` ({path: variable}); returns a LoadReport.
 
-  header: the error's first line (say what was loaded into what, and the fix). unexpected: source keys that
-  mapped to no path. allow_unexpected: unexpected keys / paths are reported instead of raised. fill_missing(path,
-  var): missing variables it accepts are set to zeros (e.g. statistics buffers) instead of raised.
-  tolerate_shape(path): a shape mismatch there skips the array. dtype: cast (default: each variable's dtype).
+  header: the error's first line (what was loaded into what, and the fix). unexpected: source keys that mapped
+  to no path. sources / originals: {path: source key} and the source arrays, named in shape lines.
+  allow_unexpected: unexpected keys / paths are reported instead of raised. fill_missing(path, var): missing
+  variables it accepts are zero-filled (e.g. statistics buffers) instead of raised. tolerate_shape(path): a shape
+  mismatch there drops the array (the variable then counts as missing). dtype: cast (default: the variable's).
   """
   import jax.numpy as jnp
 
-  optional = None if fill_missing is None else (lambda p: fill_missing(p, targets[p]))
+  optional = (lambda p: False) if fill_missing is None else (lambda p: fill_missing(p, targets[p]))
   problems, tolerated = find_problems(arrays, targets, unexpected=unexpected, sources=sources, originals=originals,
                                       what=what, optional=optional, tolerate_shape=tolerate_shape)
+  problems += [f"missing: {path_name(p)} (shape mismatch tolerated)" for p in tolerated if not optional(p)]
   if allow_unexpected:
     problems = [p for p in problems if not p.startswith("unexpected")]
   raise_problems(problems, header, error)
@@ -139,7 +149,7 @@ def load(targets: Mapping[tuple, object], arrays: Mapping[tuple, np.ndarray], *,
     if path in targets and path not in tolerated:
       var = targets[path]
       var.set_value(jnp.asarray(value, dtype or var.get_value().dtype))
-  zero_filled = [p for p in targets if p not in arrays and optional is not None and optional(p)]
+  zero_filled = [p for p in targets if (p not in arrays or p in tolerated) and optional(p)]
   for path in zero_filled:
     var = targets[path]
     var.set_value(jnp.zeros(var.get_value().shape, var.get_value().dtype))

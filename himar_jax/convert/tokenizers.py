@@ -28,13 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from himar_jax.convert import state_dict as sd_lib
+from himar_jax.convert.state_dict import CheckpointMismatchError, LoadReport  # noqa: F401 (re-exported)
 from himar_jax.tokenizers import KINDS, PRESETS, build, config_from_dict, kl_vae, preset  # noqa: F401
 
 METADATA_FILE = "tokenizer.json"
-
-
-class CheckpointMismatchError(ValueError):
-  """A checkpoint that does not fit the model (shape mismatch, missing or unexpected keys)."""
 
 
 # ---- reading checkpoints -----------------------------------------------------------------------------------
@@ -127,25 +125,6 @@ def _fuse_ldm_qkv(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return out
 
 
-def _torch_style(path: tuple) -> str:
-  return ".".join(str(p) for p in path)
-
-
-@dataclasses.dataclass
-class LoadReport:
-  """What a state-dict load did: missing model entries and unexpected checkpoint keys, by name."""
-  missing: list[str]
-  unexpected: list[str]
-  skipped: list[str]
-
-  def summary(self) -> str:
-    lines = [f"missing ({len(self.missing)}): {self.missing}", f"unexpected ({len(self.unexpected)}): "
-             f"{self.unexpected}"]
-    if self.skipped:
-      lines.append(f"skipped buffers ({len(self.skipped)}): {self.skipped}")
-    return "\n".join(lines)
-
-
 def load_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray], *, strict: bool = True,
                     prefix: str = "") -> LoadReport:
   """Copies a PyTorch-layout state dict into `model` (which may be abstract, from nnx.eval_shape).
@@ -158,53 +137,26 @@ def load_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray], *, 
   Non-parameter state missing from the checkpoint (codebook-usage EMA) is zero-filled.
   """
   sd = _fuse_ldm_qkv({k: np.asarray(v) for k, v in state_dict.items()})
-  targets = {path: var for path, var in nnx.to_flat_state(nnx.state(model))}
-  filled, unexpected, skipped = set(), [], []
   depth = len(prefix.split(".")) - 1 if prefix else 0
-  for key in sorted(sd):
-    if not key.startswith(prefix):
-      unexpected.append(key)
-      continue
-    path, value = map_key(key, sd[key])
-    path = path[depth:]
-    var = targets.get(path)
-    if var is None:
-      unexpected.append(key)
-      continue
-    want = tuple(var.get_value().shape)
-    if tuple(value.shape) != want:
-      if path[-1] == "ema_hits":  # VAR also drops a usage buffer of another layout
-        skipped.append(key)
-        continue
-      raise CheckpointMismatchError(
-          f"checkpoint key {key!r} has shape {tuple(sd[key].shape)} (as {tuple(value.shape)} in the JAX layout) "
-          f"but the model's {_torch_style(path)!r} expects {want}; the checkpoint was made for another "
-          "configuration (check ch, ch_mult, z/embed channels, vocab size, patch_nums).")
-    var.set_value(jnp.asarray(value, dtype=var.get_value().dtype))
-    filled.add(path)
-  missing = []
-  for path, var in targets.items():
-    if path in filled:
-      continue
-    if isinstance(var, nnx.Param):
-      missing.append(_torch_style(path))
-    else:  # statistics buffers: start from zeros
-      var.set_value(jnp.zeros(var.get_value().shape, var.get_value().dtype))
-  report = LoadReport(missing=missing, unexpected=unexpected, skipped=skipped)
-  if missing or (strict and unexpected):
-    raise CheckpointMismatchError(
-        "the checkpoint does not match the model:\n" + report.summary() +
-        "\nPass the preset that matches the file (kl16, vq256, vq512) or strict=False to ignore unexpected keys.")
-  return report
+  outside = sorted(k for k in sd if not k.startswith(prefix))
+  arrays, sources, _ = sd_lib.map_state_dict(
+      {k: v for k, v in sd.items() if k.startswith(prefix)},
+      lambda key, value: (lambda path, v: (path[depth:], v))(*map_key(key, value)))
+  return sd_lib.load(
+      sd_lib.flat_variables(model), arrays, unexpected=outside, sources=sources, originals=sd,
+      allow_unexpected=not strict, fill_missing=lambda path, var: not isinstance(var, nnx.Param),
+      tolerate_shape=lambda path: path[-1] == "ema_hits",  # VAR also drops a usage buffer of another layout
+      header="the checkpoint does not match the model (pass the preset that matches the file: kl16, vq256, vq512; "
+             "strict=False ignores unexpected keys)")
 
 
 # ---- building, saving, loading -------------------------------------------------------------------------------
 def fingerprint(model: nnx.Module) -> str:
   """sha256 over the parameters' names, shapes and bytes (identifies a tokenizer, e.g. in latent caches)."""
   h = hashlib.sha256()
-  for path, var in sorted(nnx.to_flat_state(nnx.state(model, nnx.Param)), key=lambda kv: _torch_style(kv[0])):
+  for path, var in sorted(nnx.to_flat_state(nnx.state(model, nnx.Param)), key=lambda kv: sd_lib.path_name(kv[0])):
     arr = np.asarray(jax.device_get(var.get_value()), np.float32)
-    h.update(_torch_style(path).encode())
+    h.update(sd_lib.path_name(path).encode())
     h.update(str(arr.shape).encode())
     h.update(arr.tobytes())
   return h.hexdigest()

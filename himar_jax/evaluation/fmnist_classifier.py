@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from himar_jax.convert import state_dict as sd_lib
 from himar_jax.nn.layers import with_axes
 
 log = logging.getLogger(__name__)
@@ -127,16 +128,9 @@ def load(path: str = WEIGHTS_PATH) -> FashionCNN:
   model = FashionCNN(rngs=nnx.Rngs(0))
   with np.load(path, allow_pickle=False) as f:
     stored = {k: f[k] for k in f.files if k != "__info__"}
-  targets = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-  names = {".".join(str(p) for p in path_): path_ for path_ in targets}
-  if set(stored) != set(names):
-    raise ValueError(f"{path!r} does not hold FashionCNN weights: missing {sorted(set(names) - set(stored))}, "
-                     f"unexpected {sorted(set(stored) - set(names))}.")
-  for name, value in stored.items():
-    var = targets[names[name]]
-    if value.shape != var.get_value().shape:
-      raise ValueError(f"{path!r}: {name} has shape {value.shape}, FashionCNN expects {var.get_value().shape}.")
-    var.set_value(jnp.asarray(value, jnp.float32))
+  targets = {sd_lib.path_name(p): var for p, var in sd_lib.flat_variables(model, nnx.Param).items()}
+  sd_lib.load(targets, stored, dtype=jnp.float32, header=f"{path!r} does not hold FashionCNN weights (retrain "
+              "with `python -m himar_jax.evaluation.fmnist_classifier --train --out=PATH`)")
   return model
 
 

@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from himar_jax.convert import state_dict as sd_lib
+from himar_jax.convert.state_dict import CheckpointMismatchError
 from himar_jax.nn.layers import with_axes
 
 INPUT_SIZE = 299
@@ -276,7 +278,7 @@ class FIDInception(nnx.Module):
 
 
 # ---- pytorch-fid weights -------------------------------------------------------------------------------------
-class WeightsMismatchError(ValueError):
+class WeightsMismatchError(CheckpointMismatchError):
   """A state dict that is not pytorch-fid's FID Inception (missing / unexpected keys, wrong shapes)."""
 
 
@@ -299,27 +301,9 @@ def _map_key(key: str, value: np.ndarray) -> tuple[tuple, np.ndarray] | None:
 def load_state_dict(model: FIDInception, state_dict: Mapping[str, np.ndarray], *, source: str = "state dict"):
   """Copies pytorch-fid's FID-Inception state dict (NumPy arrays) into `model`; every parameter and statistic
   must be present with its exact shape, and nothing else."""
-  targets = {path: var for path, var in nnx.to_flat_state(nnx.state(model))}
-  filled, unexpected = set(), []
-  for key in sorted(state_dict):
-    mapped = _map_key(key, np.asarray(state_dict[key]))
-    if mapped is None:
-      continue
-    path, value = mapped
-    var = targets.get(path)
-    if var is None:
-      unexpected.append(key)
-      continue
-    want = tuple(var.get_value().shape)
-    if tuple(value.shape) != want:
-      raise WeightsMismatchError(f"{source}: {key!r} has shape {tuple(np.shape(state_dict[key]))} but the FID "
-                                 f"Inception expects {want} (in the JAX layout); this is not {WEIGHTS_FILE}.")
-    var.set_value(jnp.asarray(value, jnp.float32))
-    filled.add(path)
-  missing = [".".join(map(str, p)) for p in targets if p not in filled]
-  if missing or unexpected:
-    raise WeightsMismatchError(f"{source} is not pytorch-fid's FID Inception ({WEIGHTS_FILE}): missing "
-                               f"{len(missing)} {missing[:8]}, unexpected {len(unexpected)} {unexpected[:8]}.")
+  arrays, sources, _ = sd_lib.map_state_dict(state_dict, _map_key)  # num_batches_tracked dropped
+  sd_lib.load(sd_lib.flat_variables(model), arrays, sources=sources, originals=state_dict, dtype=jnp.float32,
+              error=WeightsMismatchError, header=f"{source} is not pytorch-fid's FID Inception ({WEIGHTS_FILE})")
   return model
 
 
