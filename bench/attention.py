@@ -1,27 +1,32 @@
-"""Benchmark: block-sparse attention kernel vs XLA dense-masked, cudnn dense-masked and cudnn unmasked attention.
+"""Benchmark: block-sparse attention kernels vs XLA dense-masked, cudnn dense-masked and cudnn unmasked attention.
 
 Run on a GPU machine from the repository root:
   PYTHONPATH=. python bench/attention.py --out bench/results/attention_h100.json
-Before timing, checks our kernel (bfloat16) against the float32 XLA reference on fresh random inputs: output and
-dq, dk, dv, relative Frobenius error. Times are medians over repeats of back-to-back jitted calls, rotating among
+Methods: ours_mosaic (Mosaic GPU forward + Triton backward, the default on Hopper), ours_triton (Triton-lowering
+forward and backward), xla_masked, cudnn_masked, cudnn_nomask. --variants adds forward-only timings of Mosaic GPU
+settings (block_k:stages:persistent). Before timing, checks our kernels (bfloat16) against the float32 XLA reference on fresh
+random inputs: output and dq, dk, dv, relative Frobenius error. Times are medians over repeats of back-to-back jitted calls, rotating among
 input sets so the L2 cache does not hold them; forward+backward is jax.vjp of the attention, applied to a random
 cotangent (all three gradients).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
 import shlex
 import sys
 import time
+import traceback
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from himar_jax.kernels import PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_1024, ScaleLayout, block_sparse_attention
+from himar_jax.kernels import block_sparse
 from himar_jax.nn.attention import xla_attention
 
 SIZES = {"L680": (32, PATCH_NUMS_256), "L2240": (8, PATCH_NUMS_512), "L9451": (1, PATCH_NUMS_1024)}
@@ -56,7 +61,8 @@ def _cudnn(layout: ScaleLayout, masked: bool):
 def methods(layout: ScaleLayout, kernel_kwargs):
   mask = jnp.asarray(layout.dense_mask())[None, None]
   return {
-      "ours": lambda q, k, v: block_sparse_attention(q, k, v, layout, **kernel_kwargs),
+      "ours_mosaic": lambda q, k, v: block_sparse_attention(q, k, v, layout, gpu_kernel="mosaic", **kernel_kwargs),
+      "ours_triton": lambda q, k, v: block_sparse_attention(q, k, v, layout, gpu_kernel="triton", **kernel_kwargs),
       "xla_masked": lambda q, k, v: xla_attention(q, k, v, mask),
       "cudnn_masked": _cudnn(layout, masked=True),
       "cudnn_nomask": _cudnn(layout, masked=False),
@@ -87,20 +93,47 @@ def rel_err(a, b) -> float:
   return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def check(layout, batch, heads, head_dim, key, kernel_kwargs):
-  """Relative errors of ours (bf16) vs the float32 reference: out, dq, dk, dv (fresh inputs)."""
+def check(layout, batch, heads, head_dim, key, kernel_kwargs, dtype=jnp.bfloat16):
+  """Relative errors of ours (dtype) vs the float32 reference on the same rounded inputs: out, dq, dk, dv."""
   shape = (batch, layout.length, heads, head_dim)
-  q, k, v, do = (jax.random.normal(kk, shape, jnp.float32) for kk in jax.random.split(key, 4))
+  q, k, v, do = (jax.random.normal(kk, shape, jnp.float32).astype(dtype) for kk in jax.random.split(key, 4))
+  f32 = lambda x: x.astype(jnp.float32)
   mask = jnp.asarray(layout.dense_mask())[None, None]
-  ref_out, ref_vjp = jax.vjp(lambda q, k, v: xla_attention(q, k, v, mask), q, k, v)
-  ref = (ref_out, *ref_vjp(do))
-  bf = lambda x: x.astype(jnp.bfloat16)
+  ref_out, ref_vjp = jax.vjp(lambda q, k, v: xla_attention(q, k, v, mask), f32(q), f32(k), f32(v))
+  ref = (ref_out, *ref_vjp(f32(do)))
   ours_fn = jax.jit(fwd_bwd(lambda q, k, v: block_sparse_attention(q, k, v, layout, **kernel_kwargs)))
-  out, grads = ours_fn(bf(q), bf(k), bf(v), bf(do))
+  out, grads = ours_fn(q, k, v, do)
   got = (out, *grads)
   errs = [rel_err(a, b) for a, b in zip(got, ref)]
   finite = all(bool(jnp.all(jnp.isfinite(x))) for x in got)
   return errs, finite
+
+
+def check_all(args, key, kernel_kwargs):
+  """Both GPU kernels on every benchmark layout (B2 H4), plus head_dim 128, float16 and an odd layout (padding)."""
+  cases = [(size, pattern, args.head_dim, jnp.bfloat16) for size in args.sizes.split(",")
+           for pattern in args.patterns.split(",")]
+  cases += [("L680", "block_causal", 128, jnp.bfloat16), ("L2240", "block_diagonal", 128, jnp.bfloat16),
+            ("L680", "block_diagonal", 64, jnp.float16), ("odd", "block_causal", 64, jnp.bfloat16),
+            ("odd", "block_diagonal", 128, jnp.bfloat16)]
+  checks = []
+  for size, pattern, head_dim, dtype in cases:
+    layout = (ScaleLayout((1, 4, 9, 16, 25, 30, 77, 3, 200), pattern) if size == "odd"
+              else ScaleLayout.from_patch_nums(SIZES[size][1], pattern))
+    for gpu_kernel in ("mosaic", "triton"):
+      key, sub = jax.random.split(key)
+      try:
+        errs, finite = check(layout, 2, 4, head_dim, sub, dict(kernel_kwargs, gpu_kernel=gpu_kernel), dtype)
+      except Exception as e:  # reported, and the rest goes on
+        traceback.print_exc()
+        errs, finite = [f"{type(e).__name__}: {str(e)[:1500]}"], False
+      ran = block_sparse._choose_gpu_kernel(jnp.zeros((1, 1, 1, head_dim), dtype), gpu_kernel, False)
+      row = {"size": size, "length": layout.length, "pattern": pattern, "head_dim": head_dim,
+             "dtype": jnp.dtype(dtype).name, "gpu_kernel": ran, "rel_err_out_dq_dk_dv": errs,
+             "finite": finite}
+      checks.append(row)
+      print("check", json.dumps(row), flush=True)
+  return checks
 
 
 def extra_checks(key):
@@ -111,18 +144,25 @@ def extra_checks(key):
   mask = jnp.asarray(layout.dense_mask())[None, None]
   ref_out, ref_vjp = jax.vjp(lambda q, k, v: xla_attention(q, k, v, mask), q, k, v)
   ref = (ref_out, *ref_vjp(do))
-  attend = lambda q, k, v: block_sparse_attention(q, k, v, layout, implementation="pallas_gpu")
+  attend = lambda q, k, v: block_sparse_attention(q, k, v, layout, implementation="pallas_gpu")  # f32: Triton
   out, vjp = jax.vjp(jax.jit(attend), q, k, v)
   errs_f32 = [rel_err(a, b) for a, b in zip((out, *vjp(do)), ref)]
   print(f"check float32 L680 block_diagonal: rel err out/dq/dk/dv {[f'{e:.2e}' for e in errs_f32]}", flush=True)
   devices = jax.devices()
   mesh = jax.sharding.Mesh(np.array(devices).reshape(1, len(devices)), ("data", "model"))
   spec = jax.sharding.PartitionSpec("data", None, "model", None)
-  sharded = jax.jit(jax.shard_map(attend, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec))
-  out, vjp = jax.vjp(sharded, q, k, v)
-  errs_sm = [rel_err(a, b) for a, b in zip((out, *vjp(do)), ref)]
-  print(f"check shard_map (check_vma) {len(devices)} device(s): rel err {[f'{e:.2e}' for e in errs_sm]}", flush=True)
-  return {"float32_rel_err_out_dq_dk_dv": errs_f32, "shard_map_rel_err_out_dq_dk_dv": errs_sm}
+  result = {"float32_rel_err_out_dq_dk_dv": errs_f32}
+  bf = lambda x: x.astype(jnp.bfloat16)
+  for name, inputs in (("float32_triton", (q, k, v, do)), ("bfloat16_mosaic", tuple(map(bf, (q, k, v, do))))):
+    try:
+      sharded = jax.jit(jax.shard_map(attend, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec))
+      out, vjp = jax.vjp(sharded, *inputs[:3])
+      errs = [rel_err(a, b) for a, b in zip((out, *vjp(inputs[3])), ref)]
+    except Exception as e:  # reported, and the rest goes on
+      errs = [f"{type(e).__name__}: {str(e)[:1500]}"]
+    print(f"check shard_map (check_vma) {name} {len(devices)} device(s): rel err {errs}", flush=True)
+    result[f"shard_map_{name}_rel_err_out_dq_dk_dv"] = errs
+  return result
 
 
 def main():
@@ -130,8 +170,11 @@ def main():
   parser.add_argument("--out", default="bench/results/attention_h100.json")
   parser.add_argument("--sizes", default="L680,L2240,L9451")
   parser.add_argument("--patterns", default="block_diagonal,block_causal")
-  parser.add_argument("--methods", default="ours,xla_masked,cudnn_masked,cudnn_nomask")
+  parser.add_argument("--methods", default="ours_mosaic,ours_triton,xla_masked,cudnn_masked,cudnn_nomask")
+  parser.add_argument("--variants", default="",
+                      help="Mosaic GPU forward settings to time, block_k:stages[:persistent 0/1], e.g. 64:2,128:2:0")
   parser.add_argument("--heads", type=int, default=16)
+  parser.add_argument("--batch", type=int, default=None, help="override the per-size batch (smoke runs)")
   parser.add_argument("--head-dim", type=int, default=64)
   parser.add_argument("--iters", type=int, default=20)
   parser.add_argument("--repeats", type=int, default=5)
@@ -149,65 +192,78 @@ def main():
                        block_bwd=args.block_bwd, num_warps=args.num_warps, num_stages=args.num_stages,
                        fast_exp=args.fast_exp)
   key = jax.random.key(int(time.time_ns() % (2**31)))
-  rows, checks = [], []
-  extra = {}
+  rows, checks, extra = [], [], {}
+
+  def save():
+    result = {
+        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+        "device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "python": platform.python_version(),
+        "dtype": "bfloat16", "checks": checks, "extra_checks": extra, "rows": rows,
+        "triton_targets_ms": {f"{a}/{b}": t for (a, b), t in TRITON_MS.items()},
+        "torch_flash_unmasked_fwd_bwd_ms": TORCH_FLASH_FWDBWD_MS}
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+      json.dump(result, f, indent=1)
+
+  if args.check:
+    key, sub = jax.random.split(key)
+    checks.extend(check_all(args, sub, kernel_kwargs))
+    save()
   if args.extra_checks:
     key, sub = jax.random.split(key)
     try:
-      extra = extra_checks(sub)
+      extra.update(extra_checks(sub))
     except Exception as e:  # reported, and the benchmark goes on
-      extra = {"error": f"{type(e).__name__}: {str(e)[:2000]}"}
+      extra["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
       print("extra checks failed:", extra["error"], flush=True)
+    save()
+  variants = [tuple(int(x) for x in (v + ":1").split(":")[:3]) for v in args.variants.split(",") if v]
   for size in args.sizes.split(","):
     batch, patch_nums = SIZES[size]
+    batch = args.batch or batch
     for pattern in args.patterns.split(","):
       layout = ScaleLayout.from_patch_nums(patch_nums, pattern)
-      if args.check:
-        key, sub = jax.random.split(key)
-        try:
-          errs, finite = check(layout, min(batch, 2), 4, args.head_dim, sub, kernel_kwargs)
-        except Exception as e:  # reported, and timing goes on for the other methods
-          errs, finite = [f"{type(e).__name__}: {str(e)[:2000]}"], False
-        checks.append({"size": size, "pattern": pattern, "rel_err_out_dq_dk_dv": errs, "finite": finite})
-        print(f"check {size} {pattern}: rel err out/dq/dk/dv {errs} finite={finite}", flush=True)
       shape = (batch, layout.length, args.heads, args.head_dim)
       input_sets = []
       for _ in range(args.input_sets):
         key, *subs = jax.random.split(key, 5)
         input_sets.append([jax.random.normal(s, shape, jnp.bfloat16) for s in subs])
-      for name, fn in methods(layout, kernel_kwargs).items():
-        if name not in args.methods.split(","):
-          continue
+      todo = [(name, fn, True) for name, fn in methods(layout, kernel_kwargs).items()
+              if name in args.methods.split(",")]
+      for block_k, stages, persistent in variants:
+        fn = functools.partial(lambda q, k, v, bk, st, pe: block_sparse_attention(
+            q, k, v, layout, implementation="pallas_gpu", gpu_kernel="mosaic", block_k=bk, stages=st,
+            persistent=bool(pe)), bk=block_k, st=stages, pe=persistent)
+        todo.append((f"mosaic_bk{block_k}_s{stages}_{'pers' if persistent else 'grid'}", fn, False))
+      for name, fn, with_bwd in todo:
         row = {"size": size, "pattern": pattern, "method": name, "batch": batch, "heads": args.heads,
                "length": layout.length, "head_dim": args.head_dim}
         try:
           fwd = jax.jit(fn)
           row["fwd_ms"] = time_ms(lambda q, k, v, do: fwd(q, k, v), input_sets, args.iters, args.repeats)
-          both = jax.jit(fwd_bwd(fn))
-          row["fwd_bwd_ms"] = time_ms(both, input_sets, args.iters, args.repeats)
+          if with_bwd:
+            both = jax.jit(fwd_bwd(fn))
+            row["fwd_bwd_ms"] = time_ms(both, input_sets, args.iters, args.repeats)
         except Exception as e:  # a method that fails to compile (e.g. cudnn limits) is reported, not fatal
-          row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        triton = TRITON_MS[(size, pattern)]
-        row["triton_fwd_ms"], row["triton_fwd_bwd_ms"] = triton
+          row["error"] = f"{type(e).__name__}: {str(e)[:1500]}"
+        row["triton_fwd_ms"], row["triton_fwd_bwd_ms"] = TRITON_MS[(size, pattern)]
         rows.append(row)
         print(json.dumps(row), flush=True)
+        save()
   print()
-  print(f"{'size':6} {'pattern':15} {'method':13} {'fwd ms':>8} {'f+b ms':>8} {'fwd/T':>6} {'f+b/T':>6}")
+  print(f"{'size':6} {'pattern':15} {'method':16} {'fwd ms':>8} {'f+b ms':>8} {'fwd/T':>6} {'f+b/T':>6}")
   for r in rows:
     if "error" in r:
-      print(f"{r['size']:6} {r['pattern']:15} {r['method']:13} error: {r['error'][:60]}")
+      print(f"{r['size']:6} {r['pattern']:15} {r['method']:16} error: {r['error'][:60]}")
       continue
-    print(f"{r['size']:6} {r['pattern']:15} {r['method']:13} {r['fwd_ms']:8.3f} {r['fwd_bwd_ms']:8.3f} "
-          f"{r['fwd_ms'] / r['triton_fwd_ms']:6.2f} {r['fwd_bwd_ms'] / r['triton_fwd_bwd_ms']:6.2f}")
-  result = {
-      "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-      "device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "python": platform.python_version(),
-      "dtype": "bfloat16", "checks": checks, "extra_checks": extra, "rows": rows, "triton_targets_ms": {f"{a}/{b}": t for (a, b), t in
-                                                                                 TRITON_MS.items()},
-      "torch_flash_unmasked_fwd_bwd_ms": TORCH_FLASH_FWDBWD_MS}
-  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=1)
+    fb = r.get("fwd_bwd_ms", float("nan"))
+    print(f"{r['size']:6} {r['pattern']:15} {r['method']:16} {r['fwd_ms']:8.3f} {fb:8.3f} "
+          f"{r['fwd_ms'] / r['triton_fwd_ms']:6.2f} {fb / r['triton_fwd_bwd_ms']:6.2f}")
+  for c in checks:
+    errs = c["rel_err_out_dq_dk_dv"]
+    shown = " ".join(f"{e:.1e}" if isinstance(e, float) else str(e)[:70] for e in errs)
+    print(f"check {c['size']:6} {c['pattern']:15} d{c['head_dim']} {c['dtype']:9} {c['gpu_kernel']:7} {shown}")
+  save()
   print(f"wrote {args.out}")
 
 

@@ -2,7 +2,11 @@
 
 Layout (batch, length, heads, head_dim) like jax.nn.dot_product_attention; length must equal layout.length.
 Backends ('implementation'):
-  'pallas_gpu'  Pallas kernels (Triton lowering) in pallas_gpu.py
+  'pallas_gpu'  Pallas GPU kernels. gpu_kernel='mosaic' (the default on Hopper, compute capability 9.x, for
+                bfloat16/float16, head_dim a multiple of 64 and L >= MOSAIC_MIN_LENGTH, where it is faster): the
+                Mosaic GPU forward in pallas_mgpu.py with the Triton backward; gpu_kernel='triton' (other GPUs,
+                float32, other head_dims, shorter layouts, interpret mode): the Triton-lowering forward and
+                backward in pallas_gpu.py
   'pallas_tpu'  Pallas Mosaic TPU kernels in pallas_tpu.py
   'xla'         the dense-masked float32 reference (reference.py)
   None          'pallas_gpu' on GPU, 'pallas_tpu' on TPU, 'xla' elsewhere
@@ -21,13 +25,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from himar_jax.kernels import pallas_gpu, pallas_tpu
+from himar_jax.kernels import pallas_gpu, pallas_mgpu, pallas_tpu
 from himar_jax.kernels.layout import ScaleLayout, plan_tiles
 from himar_jax.kernels.reference import reference_attention
 
 log = logging.getLogger(__name__)
 _logged_reasons: set[str] = set()
 IMPLEMENTATIONS = ("pallas_gpu", "pallas_tpu", "xla")
+GPU_KERNELS = ("mosaic", "triton")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,12 +48,19 @@ class KernelConfig:
   interpret: Any
   poison: bool
   fast_exp: bool
+  gpu_kernel: str = "triton"
+  stages: int = 2
+  programs: int | None = None  # Mosaic GPU: persistent CTAs (about the SM count), or None for one CTA per item
 
 
-def _default_blocks(backend: str, head_dim: int, length: int) -> tuple[int, int, int]:
+def _default_blocks(backend: str, head_dim: int, length: int, gpu_kernel: str) -> tuple[int, int, int]:
   """(block_q, block_k, block_bwd). GPU values from bench/attention_notes.md (H100, head_dim 64)."""
   if backend == "pallas_tpu":
     return 128, 128, 128
+  bwd = 64
+  if gpu_kernel == "mosaic":
+    # 128-key tiles: 0.61 vs 0.75 ms (64) at L9451 block-causal (notes); head_dim 128 keeps the 64 measured.
+    return pallas_mgpu.BLOCK_Q, 128 if head_dim <= 64 else 64, bwd
   if head_dim > 64:
     return 64, 64, 64
   # Short layouts (L = 680) have small scales: narrower key tiles skip more of the empty area.
@@ -69,24 +81,74 @@ def _unsupported_reason(q, k, v, backend: str, interpret) -> str | None:
   return None
 
 
-def _log_once(reason: str) -> None:
+def _log_once(reason: str, fallback: str = "the XLA reference") -> None:
   if reason not in _logged_reasons:
     _logged_reasons.add(reason)
-    log.warning("block_sparse_attention: falling back to the XLA reference: %s", reason)
+    log.warning("block_sparse_attention: falling back to %s: %s", fallback, reason)
+
+
+def _is_hopper() -> bool:
+  """Compute capability 9.x on the default device (H100 / H200)."""
+  capability = getattr(jax.devices()[0], "compute_capability", None)
+  return jax.default_backend() == "gpu" and str(capability or "").split(".")[0] == "9"
+
+
+def _sm_count() -> int:
+  """Streaming multiprocessors of the default GPU (132 on an H100 SXM when the device does not say)."""
+  return int(getattr(jax.devices()[0], "core_count", None) or 132)
+
+
+def _mosaic_unsupported_reason(q, interpret, hopper: bool) -> str | None:
+  """Why the Mosaic GPU forward cannot run this case (then the Triton kernels do), or None."""
+  if interpret:
+    return "interpret mode (Mosaic GPU kernels run only on a Hopper GPU)"
+  if not pallas_mgpu.available():
+    return "jax.experimental.pallas.mosaic_gpu is not importable"
+  if not hopper:
+    return "the GPU is not a Hopper (compute capability 9.x)"
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    return f"dtype {q.dtype} (Mosaic GPU kernel takes bfloat16/float16)"
+  if q.shape[-1] % 64:
+    return f"head_dim={q.shape[-1]} (Mosaic GPU kernel takes multiples of 64)"
+  return None
+
+
+# Auto dispatch takes the Mosaic GPU forward from this length on. Measured on the H100 (bench/attention_notes.md):
+# it wins at L9451 (0.35 / 0.61 ms vs Triton 0.38 / 0.74), ties at L2240 causal and loses at L <= 2240 otherwise,
+# where its one-CTA-per-SM kernel pays a fixed start/finish cost per 128-row tile that Triton's small CTAs hide.
+MOSAIC_MIN_LENGTH = 4096
+
+
+def _choose_gpu_kernel(q, gpu_kernel: str | None, interpret) -> str:
+  """'mosaic' where it runs and is faster (auto) or asked for, else 'triton' (one logged reason when asked for)."""
+  if gpu_kernel not in (None, *GPU_KERNELS):
+    raise ValueError(f"gpu_kernel={gpu_kernel!r} is not one of {GPU_KERNELS} or None (auto).")
+  if gpu_kernel == "triton":
+    return "triton"
+  reason = _mosaic_unsupported_reason(q, interpret, _is_hopper())
+  if reason is None:
+    return "mosaic" if gpu_kernel == "mosaic" or q.shape[1] >= MOSAIC_MIN_LENGTH else "triton"
+  if gpu_kernel == "mosaic":
+    _log_once(reason, fallback="the Triton-lowering kernels")
+  return "triton"
 
 
 def block_sparse_attention(q, k, v, layout: ScaleLayout, *, scale: float | None = None,
                            implementation: str | None = None, block_q: int | None = None,
                            block_k: int | None = None, block_bwd: int | None = None, num_warps: int | None = None,
                            num_stages: int = 3, interpret: Any = False, poison_outputs: bool = False,
-                           fast_exp: bool = True):
+                           fast_exp: bool = True, gpu_kernel: str | None = None, stages: int = 2,
+                           persistent: bool = True):
   """Attention of (B, L, H, D) q, k, v under a scale layout; returns (B, L, H, D) in q's dtype.
 
   block_q/block_k: forward tile sizes; block_bwd: the backward's (query and key) tile size; num_warps/num_stages:
   Triton launch settings (GPU). poison_outputs (tests, GPU kernels): outputs start NaN-filled so that a row the
   kernel never writes shows up; on TPU use pltpu.InterpretParams(uninitialized_memory='nan') instead.
   fast_exp (GPU, bfloat16 inputs, forward): softmax exponentials in bfloat16 pairs (ex2.approx.ftz.bf16x2); see
-  bench/attention_notes.md for its speed and error.
+  bench/attention_notes.md for its speed and error (Triton forward only).
+  gpu_kernel: 'mosaic' | 'triton' | None (auto: Mosaic GPU forward on Hopper where supported, else Triton);
+  stages: the Mosaic GPU forward's key/value shared-memory ring depth; persistent: its grid is one CTA per SM looping
+  over work items (else one CTA per 128-row query tile, batch row and head).
   """
   if not isinstance(layout, ScaleLayout):
     raise TypeError(f"layout must be a ScaleLayout (got {type(layout).__name__}); build one with "
@@ -109,10 +171,17 @@ def block_sparse_attention(q, k, v, layout: ScaleLayout, *, scale: float | None 
     _log_once(reason)
     return reference_attention(q, k, v, layout, scale=scale)
 
-  d_q, d_k, d_bwd = _default_blocks(implementation, q.shape[-1], layout.length)
+  kernel = _choose_gpu_kernel(q, gpu_kernel, interpret) if implementation == "pallas_gpu" else "triton"
+  d_q, d_k, d_bwd = _default_blocks(implementation, q.shape[-1], layout.length, kernel)
+  if kernel == "mosaic" and block_q not in (None, pallas_mgpu.BLOCK_Q):
+    raise ValueError(f"block_q={block_q}: the Mosaic GPU forward uses {pallas_mgpu.BLOCK_Q}-row query tiles "
+                     "(pass gpu_kernel='triton' for other sizes).")
+  if kernel == "mosaic" and block_k is not None and block_k % 64:
+    raise ValueError(f"block_k={block_k}: the Mosaic GPU forward takes multiples of 64.")
   cfg = KernelConfig(implementation, scale, block_q or d_q, block_k or d_k, block_bwd or d_bwd,
                      num_warps or 4, num_stages, interpret, poison_outputs,
-                     fast_exp and q.dtype == jnp.bfloat16)
+                     fast_exp and q.dtype == jnp.bfloat16, kernel, stages,
+                     _sm_count() if kernel == "mosaic" and persistent else None)
   for name in ("block_q", "block_k", "block_bwd"):
     size = getattr(cfg, name)
     if size < 8 or size & (size - 1):
@@ -122,7 +191,8 @@ def block_sparse_attention(q, k, v, layout: ScaleLayout, *, scale: float | None 
 
 def _plans(cfg: KernelConfig, layout: ScaleLayout):
   """Forward and backward tile plans over one padded length (a multiple of every tile size)."""
-  l_pad = layout.padded_length(math.lcm(cfg.block_q, cfg.block_k, cfg.block_bwd))
+  rows_per_program = cfg.block_q * (pallas_mgpu.CONSUMERS if cfg.gpu_kernel == "mosaic" else 1)
+  l_pad = layout.padded_length(math.lcm(rows_per_program, cfg.block_k, cfg.block_bwd))
   return (plan_tiles(layout, cfg.block_q, cfg.block_k, l_pad),
           plan_tiles(layout, cfg.block_bwd, cfg.block_bwd, l_pad))
 
@@ -138,6 +208,8 @@ def _from_tpu(x, length):
 
 def _forward(q, k, v, cfg: KernelConfig, layout: ScaleLayout):
   plan, _ = _plans(cfg, layout)
+  if cfg.backend == "pallas_gpu" and cfg.gpu_kernel == "mosaic":
+    return pallas_mgpu.forward(q, k, v, plan, scale=cfg.scale, stages=cfg.stages, programs=cfg.programs)
   if cfg.backend == "pallas_gpu":
     return pallas_gpu.forward(q, k, v, plan, scale=cfg.scale, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                               interpret=bool(cfg.interpret), poison=cfg.poison, fast_exp=cfg.fast_exp)
