@@ -199,9 +199,8 @@ def edit_files(config, checkpoint_dir: str, out_dir: str, *, image: str, mask: s
                box: str | None = None, outpaint: bool = False, label: int | None = None, num: int = 4,
                seed: int | None = None, step: int | None = None) -> dict:
   """The `edit` verb's work: read, edit, write (process 0). Returns the summary (also <out_dir>/edit.json)."""
-  from PIL import Image
-
   from himar_jax.evaluation.images import save_grid, to_uint8
+  from himar_jax.sample_cli import save_png
   from himar_jax.train import checkpoint as ckpt_lib
 
   if label is None:
@@ -219,14 +218,7 @@ def edit_files(config, checkpoint_dir: str, out_dir: str, *, image: str, mask: s
   if jax.process_index() != 0:
     return {}
   os.makedirs(out_dir, exist_ok=True)
-
-  def save(array, name):
-    tile = array[..., 0] if array.shape[-1] == 1 else array
-    path = os.path.join(out_dir, name)
-    Image.fromarray(tile).save(path + ".tmp.png")
-    os.replace(path + ".tmp.png", path)
-    return path
-
+  save = lambda array, name: save_png(array, os.path.join(out_dir, name))
   results = to_uint8(result["images"])
   paths = [save(r, f"edit_{i}.png") for i, r in enumerate(results)]
   save(to_uint8(pixels), "input.png")
@@ -249,14 +241,7 @@ def edit_verb(flags) -> int:
   """The CLI verb; flags are defined in himar_jax/cli.py."""
   from absl import app
 
-  from himar_jax.train import loop
-  config = flags.config
-  if config is None:
-    raise app.UsageError("`edit` needs --config=configs/<family>.py:<variant>.")
-  checkpoint = flags.checkpoint or (loop.checkpoint_dir(flags.workdir) if flags.workdir else None)
-  if not checkpoint:
-    raise app.UsageError("`edit` needs --checkpoint=DIR (a training workdir's checkpoints folder or a `convert` "
-                         "output) or --workdir=DIR.")
+  config, checkpoint = sampling.config_and_checkpoint(flags, "edit")
   if not flags.out:
     raise app.UsageError("`edit` needs --out=DIR (created if missing).")
   if not flags.image:

@@ -71,11 +71,13 @@ def class_grid(images: np.ndarray, labels: np.ndarray, *, columns: int = GRID_CO
   return grid, classes
 
 
-def _save_png(image: np.ndarray, path: str) -> None:
+def save_png(image: np.ndarray, path: str) -> str:
+  """One uint8 (H, W, C) image as a PNG (grey when C == 1), written atomically."""
   from PIL import Image
   tile = image[..., 0] if image.shape[-1] == 1 else image
   Image.fromarray(tile).save(path + ".tmp.png")
   os.replace(path + ".tmp.png", path)  # never a half-written file under the final name
+  return path
 
 
 def write_outputs(images: np.ndarray, labels: np.ndarray, out_dir: str, *, num_classes: int,
@@ -87,7 +89,7 @@ def write_outputs(images: np.ndarray, labels: np.ndarray, out_dir: str, *, num_c
   os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
   indices = np.arange(len(images)) if indices is None else indices
   for i, image, label in zip(indices, images, labels):
-    _save_png(image, os.path.join(out_dir, "images", f"{int(i):06d}_class{int(label)}.png"))
+    save_png(image, os.path.join(out_dir, "images", f"{int(i):06d}_class{int(label)}.png"))
   grid, rows = class_grid(images, labels)
   names = class_names(num_classes)
   grid_path = save_grid(grid, os.path.join(out_dir, "grid.png"), row_labels=[names[r] for r in rows])
@@ -157,14 +159,8 @@ def sample_verb(flags) -> int:
   """The CLI verb; flags are defined in himar_jax/cli.py."""
   from absl import app
 
-  from himar_jax.train import loop
-  config = flags.config
-  if config is None:
-    raise app.UsageError("`sample` needs --config=configs/<family>.py:<variant>.")
-  checkpoint = flags.checkpoint or (loop.checkpoint_dir(flags.workdir) if flags.workdir else None)
-  if not checkpoint:
-    raise app.UsageError("`sample` needs --checkpoint=DIR (a training workdir's checkpoints folder or a `convert` "
-                         "output) or --workdir=DIR.")
+  from himar_jax.sampling import config_and_checkpoint
+  config, checkpoint = config_and_checkpoint(flags, "sample")
   out = flags.out or (os.path.join(flags.workdir, "samples") if flags.workdir else None)
   if not out:
     raise app.UsageError("`sample` needs --out=DIR (created if missing) or --workdir=DIR (writes <workdir>/samples).")
@@ -175,7 +171,7 @@ def sample_verb(flags) -> int:
     per_prompt = flags.per_prompt or int(config.sample.per_class)
     result = sample_prompts(config, checkpoint, flags.prompts, out, per_prompt=per_prompt, seed=seed)
     if result:
-      print(json.dumps(result, indent=2, default=str))
+      print(json.dumps(result if isinstance(result, dict) else {"output": result}, indent=2, default=str))
     return 0
   summary = sample(config, checkpoint, out, num=flags.num, labels=flags.labels, seed=flags.seed, step=flags.step,
                    batch_size=flags.batch_size)

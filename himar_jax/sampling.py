@@ -49,6 +49,21 @@ def restore_model_for_sampling(config, checkpoint_dir: str, *, mesh: Mesh | None
   return RestoredModel(graphdef, restored[which], restored["buffers"], mesh)
 
 
+def config_and_checkpoint(flags, verb: str):
+  """(config, checkpoint folder) of a verb that restores a model: --config, and --checkpoint or
+  <--workdir>/checkpoints; usage errors name what is missing."""
+  from absl import app
+
+  from himar_jax.train import loop
+  if flags.config is None:
+    raise app.UsageError(f"`{verb}` needs --config=configs/<family>.py:<variant>.")
+  checkpoint = flags.checkpoint or (loop.checkpoint_dir(flags.workdir) if flags.workdir else None)
+  if not checkpoint:
+    raise app.UsageError(f"`{verb}` needs --checkpoint=DIR (a training workdir's checkpoints folder or a `convert` "
+                         "output) or --workdir=DIR.")
+  return flags.config, checkpoint
+
+
 @functools.lru_cache(maxsize=16)
 def _sampler(graphdef, sample_kwargs: tuple, decoder_key=None):
   """One jitted sampler per (model structure, sampler settings, decoder): repeated calls (evaluation chunks,

@@ -19,31 +19,41 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VQ_TINY = tokenizers.vq_pyramid.tiny_config(1, vocab_size=16, z_channels=4, patch_nums=(1, 2, 3, 4))
 
 
-def save_random_checkpoint(config, out_dir: str, seed: int = 0, buffers_from=None, jitter: float = 0.0) -> str:
-  """A randomly initialised model of `config` as an orbax checkpoint <out_dir>/0/state (params = ema_params).
-  jitter > 0 adds N(0, jitter^2) to every parameter, so zero-initialised output layers (the diffusion heads')
-  make the outputs depend on the condition, as a trained model's do."""
+def save_random_checkpoint(config, out_dir: str, seed: int = 0, buffers_from=None, std: float = 0.05) -> str:
+  """A random model of `config` as an orbax checkpoint <out_dir>/0/state (params = ema_params), drawn on the host
+  (no eager init to compile): every parameter N(0, std^2), norm scales 1 + N(0, std^2), so that even the
+  zero-initialised head outputs depend on the condition, as a trained model's do. buffers_from: the VQ pyramid
+  whose codebook / phi convs a next_scale generator holds; other buffers are zero."""
   import orbax.checkpoint as ocp
-  model = models.model_fn(config)(nnx.Rngs(seed))
-  if buffers_from is not None:  # next_scale: the generator holds the tokenizer's codebook and phi convs
-    from himar_jax.models.next_scale import load_tokenizer
-    load_tokenizer(model, buffers_from)
-  _, params, buffers = nnx.split(model, nnx.Param, ...)
-  params, buffers = nnx.to_pure_dict(params), nnx.to_pure_dict(buffers)
-  if jitter:
-    leaves, treedef = jax.tree.flatten(params)
-    rng = np.random.default_rng(seed)
-    params = jax.tree.unflatten(treedef, [x + jitter * rng.standard_normal(x.shape).astype(np.float32)
-                                          for x in leaves])
+  abstract = nnx.eval_shape(lambda: models.model_fn(config)(nnx.Rngs(0)))
+  _, params, buffers = nnx.split(abstract, nnx.Param, ...)
+  rng = np.random.default_rng(seed)
+
+  def draw(path, a):
+    base = 1.0 if getattr(path[-1], "key", None) == "scale" else 0.0
+    return (base + std * rng.standard_normal(a.shape)).astype(a.dtype)
+
+  params = jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(params))
+  known = {}
+  if buffers_from is not None:
+    known = {("vq",) + tuple(p): np.asarray(v.get_value())
+             for p, v in nnx.to_flat_state(nnx.state(buffers_from.quantize, nnx.Param))}
+  tree = {}
+  for path, var in nnx.to_flat_state(buffers):
+    node = tree
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = known.get(tuple(path), np.zeros(var.get_value().shape, var.get_value().dtype))
   with ocp.PyTreeCheckpointer() as ckptr:
-    ckptr.save(os.path.join(out_dir, "0", "state"), {"params": params, "ema_params": params, "buffers": buffers,
+    ckptr.save(os.path.join(out_dir, "0", "state"), {"params": params, "ema_params": params, "buffers": tree,
                                                       "step": jnp.asarray(0, jnp.int32)})
   return out_dir
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def himar_setup(tmp_path_factory):
-  """himar_tiny on 8x8x4 latents + a random tiny gray KL VAE (stride 2: 16 px images)."""
+  """himar_tiny (one block per stack, to compile fast) on 8x8x4 latents + a random tiny gray KL VAE (stride 2:
+  16 px images). Also used by test_editing.py."""
   from configs.himar import get_config
   root = tmp_path_factory.mktemp("himar")
   kind, tcfg = tokenizers.preset("kl_tiny_gray")
@@ -52,8 +62,10 @@ def himar_setup(tmp_path_factory):
   config = get_config("himar_tiny")
   m = config.model
   m.token_dim, m.grid_size, m.lowres_grid = 4, 8, 4
+  m.encoder_depth = m.decoder_depth = m.head_depth = m.dit_depth = 1
+  m.encoder_buckets = 1
   m.num_sampling_steps = m.dit_sampling_steps = "2"
-  m.num_iter = 2
+  m.num_iter, m.cfg, m.re_cfg = 2, 2.0, 2.0
   config.tokenizer.checkpoint = str(root / "tok")
   save_random_checkpoint(config, str(root / "ckpt"))
   return config, tok, str(root / "ckpt"), root
@@ -71,25 +83,21 @@ def hmar_setup(tmp_path_factory):
   return config, vq, str(root / "ckpt"), root
 
 
-def test_decoders_equal_the_tokenizers_own_decode(himar_setup, hmar_setup):
-  config, tok, _, _ = himar_setup
+def test_decoders_describe_their_images(himar_setup, hmar_setup):
+  config, _, _, _ = himar_setup
   dec = sampling.load_image_decoder(config)
-  assert dec.image_shape == (16, 16, 1) and dec.fingerprint == conv.read_metadata(config.tokenizer.checkpoint)[
-      "fingerprint"]
-  latents = np.random.default_rng(0).normal(size=(2, 8, 8, 4)).astype(np.float32) * 3
-  ref = np.clip(np.asarray(tok.decode(latents / tok.config.scale_factor)), -1, 1)
-  np.testing.assert_allclose(np.asarray(dec(latents)), ref, atol=1e-5)
-  config, vq, _, _ = hmar_setup
+  assert dec.kind == "kl_vae" and dec.image_shape == (16, 16, 1)
+  assert dec.fingerprint == conv.read_metadata(config.tokenizer.checkpoint)["fingerprint"]
+  config, _, _, _ = hmar_setup
   dec = sampling.load_image_decoder(config)
-  idx = np.random.default_rng(1).integers(0, 16, (2, 30)).astype(np.int32)
-  scales = [idx[:, :1], idx[:, 1:5], idx[:, 5:14], idx[:, 14:]]
-  np.testing.assert_allclose(np.asarray(dec(idx)), np.asarray(vq.indices_to_img(scales)), atol=1e-5)
+  assert dec.kind == "vq_pyramid" and dec.image_shape == (8, 8, 1) and dec.patch_nums == (1, 2, 3, 4)
   with pytest.raises(ValueError, match=r"must be \(B, 30\)"):
-    dec(idx[:, :29])
+    dec(np.zeros((2, 29), np.int32))
   from configs.quickstart import get_config
   pixel = get_config("tiny")
   ident = sampling.load_image_decoder(pixel)
-  assert ident.kind == "identity" and ident.image_shape == (32, 32, 1) and ident(latents) is latents
+  x = np.zeros((1, 32, 32, 1), np.float32)
+  assert ident.kind == "identity" and ident.image_shape == (32, 32, 1) and ident(x) is x and ident.key is None
 
 
 def test_tokenizer_errors_name_the_field_and_the_fix(himar_setup, hmar_setup, tmp_path):
@@ -164,19 +172,22 @@ class StubGenerator(nnx.Module):
 
 
 def test_sample_batches_decode_inside_the_sampler(himar_setup, hmar_setup):
-  """Images from sample_batches(decoder=) equal the decoder applied to the undecoded samples, on 8 devices."""
+  """Images from sample_batches(decoder=) (decoded inside the sharded sampler, 8 devices) equal the tokenizers' own
+  decode of the undecoded samples: KL latents / scale_factor, VQ indices split per scale."""
   from himar_jax.parallel import mesh as mesh_lib
   from himar_jax.train.state import split_model
   mesh = mesh_lib.make_mesh((-1, 1, 1))
   labels = np.asarray([3, 7, 3, 1, 0])
-  for (config, _, _, _), indices in ((himar_setup, False), (hmar_setup, True)):
-    graphdef, params, buffers = split_model(StubGenerator(indices))
+  kl = lambda tok, x: jnp.clip(tok.decode(x / tok.config.scale_factor), -1, 1)
+  vq = lambda tok, x: tok.indices_to_img([x[:, :1], x[:, 1:5], x[:, 5:14], x[:, 14:]])
+  for (config, tok, _, _), indices, reference in ((himar_setup, False, kl), (hmar_setup, True, vq)):
+    graphdef, params, _ = split_model(StubGenerator(indices))
     restored = sampling.RestoredModel(graphdef, sampling._replicate(nnx.to_pure_dict(params), mesh), {}, mesh)
     decoder = sampling.load_image_decoder(config, mesh=mesh)
     raw = sampling.sample_batches(restored, labels, seed=3, batch_size=8, scale=0.5)
     images = sampling.sample_batches(restored, labels, seed=3, batch_size=8, decoder=decoder, scale=0.5)
     assert images.shape == (5,) + decoder.image_shape
-    np.testing.assert_allclose(images, np.asarray(decoder(raw)), atol=1e-5)
+    np.testing.assert_allclose(images, np.asarray(jax.jit(lambda x: reference(tok, x))(raw)), atol=1e-5)
 
 
 def test_sample_writes_pngs_grid_and_adm_batch(himar_setup):
@@ -203,8 +214,17 @@ def test_prompts_without_the_text_family_is_a_clear_error(tmp_path, monkeypatch)
   prompts.write_text("a cat\n")
   with pytest.raises(FileNotFoundError, match="one prompt a line"):
     sample_cli.sample_prompts(None, "ck", str(tmp_path / "none.txt"), str(tmp_path), per_prompt=1, seed=0)
+  import types
+  calls = []
+  fake = types.SimpleNamespace(sample_from_prompts=lambda *a, **k: calls.append((a, k)) or "grid.png")
+  monkeypatch.setitem(sys.modules, "himar_jax.text.sampling", fake)
+  import himar_jax.text
+  monkeypatch.setattr(himar_jax.text, "sampling", fake, raising=False)
+  assert sample_cli.sample_prompts("cfg", "ck", str(prompts), "out", per_prompt=3, seed=5) == "grid.png"
+  assert calls == [(("cfg", "ck", str(prompts), "out"), {"per_prompt": 3, "seed": 5})]
+  monkeypatch.delattr(himar_jax.text, "sampling")
   monkeypatch.setitem(sys.modules, "himar_jax.text.sampling", None)  # import fails as if absent
-  with pytest.raises((RuntimeError, ImportError), match="text"):
+  with pytest.raises(RuntimeError, match="text-to-image family"):
     sample_cli.sample_prompts(None, "ck", str(prompts), str(tmp_path), per_prompt=1, seed=0)
 
 
@@ -215,6 +235,7 @@ def test_sample_verb_with_overrides(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-m", "himar_jax", "sample", "--config=configs/quickstart.py:tiny",
                         "--config.model.cfg=2.5", "--config.model.num_sampling_steps=2",
+                        "--config.model.num_iter=2",
                         f"--checkpoint={tmp_path / 'ckpt'}", "--num=2", "--labels=9", f"--out={tmp_path / 's'}"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]

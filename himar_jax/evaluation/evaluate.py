@@ -309,16 +309,8 @@ def evaluate(config, checkpoint_dir: str, out_dir: str, *, num: int | None = Non
 
 def evaluate_verb(flags) -> int:
   """The CLI verb; flags are defined in himar_jax/cli.py."""
-  from absl import app
-
-  from himar_jax.train import loop
-  config = flags.config
-  if config is None:
-    raise app.UsageError("`evaluate` needs --config=configs/<family>.py:<variant>.")
-  checkpoint = flags.checkpoint or (loop.checkpoint_dir(flags.workdir) if flags.workdir else None)
-  if not checkpoint:
-    raise app.UsageError("`evaluate` needs --checkpoint=DIR (a training workdir's checkpoints folder) or "
-                         "--workdir=DIR.")
+  from himar_jax.sampling import config_and_checkpoint
+  config, checkpoint = config_and_checkpoint(flags, "evaluate")
   out = flags.out or os.path.join(flags.workdir or os.path.dirname(os.path.abspath(checkpoint)), "eval")
   summary = evaluate(config, checkpoint, out, num=flags.num, ref=flags.ref, inception_weights=flags.inception_weights)
   if summary:
