@@ -80,7 +80,7 @@ def _model(tiny: bool) -> ml_collections.ConfigDict:
     m.steps_per_epoch = 1
     m.step_warmup_epochs = 2
     m.dtype = "float32"
-    m.encoder_buckets = 2
+    m.encoder_buckets = 1
     m.num_iter = 2
   return m
 

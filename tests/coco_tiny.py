@@ -56,3 +56,21 @@ def tiny_config(root: str, cache_dir: str, vae_dir: str):
   c.tokenizer.checkpoint = vae_dir
   c.data.cache_dir = cache_dir
   return c
+
+
+_CACHED: dict = {}
+
+
+def cached_coco() -> dict:
+  """One tiny COCO folder, VAE and caption cache per test process (tests only read them)."""
+  if not _CACHED:
+    import tempfile
+
+    from himar_jax.data import latent_cache as lc
+    tmp = tempfile.mkdtemp(prefix="himar_t2i_coco_")
+    root = write_coco(os.path.join(tmp, "coco"))
+    vae = tiny_vae(os.path.join(tmp, "vae"))
+    config = tiny_config(root, os.path.join(tmp, "cache"), os.path.join(tmp, "vae"))
+    meta = lc.cache_latents(config)
+    _CACHED.update(tmp=tmp, root=root, vae=vae, config=config, meta=meta, dir=os.path.join(tmp, "cache"))
+  return dict(_CACHED, config=_CACHED["config"].copy_and_resolve_references())

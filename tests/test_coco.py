@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from coco_tiny import CAPTIONS, CLIP_FIXTURE, tiny_config, tiny_vae, write_coco
+from coco_tiny import CAPTIONS, CLIP_FIXTURE, cached_coco, tiny_config
 from himar_jax.data import coco
 from himar_jax.data import latent_cache as lc
 from himar_jax.data import latent_pipeline as lp
@@ -18,13 +18,8 @@ from himar_jax.text.clip import TextEmbedder
 
 
 @pytest.fixture(scope="module")
-def cached(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("coco")
-  root = write_coco(str(tmp / "coco"))
-  vae = tiny_vae(str(tmp / "vae"))
-  config = tiny_config(root, str(tmp / "cache"), str(tmp / "vae"))
-  meta = lc.cache_latents(config)
-  return dict(root=root, vae=vae, config=config, meta=meta, dir=str(tmp / "cache"))
+def cached():
+  return cached_coco()
 
 
 def test_source_orders_by_id_and_keeps_five_captions(cached):
