@@ -4,11 +4,12 @@
 #   launch/train_quickstart.sh OUT_DIR [FASHION_MNIST_DIR] [SECONDS] [--config.<field>=<value> ...]
 #
 # Runs `quickstart --from_scratch` (KL VAE -> normalised tokenizer -> latent cache -> Hi-MAR -> export -> grid) in
-# OUT_DIR/work with bfloat16 matmuls and grain workers (log: OUT_DIR/train.log). SECONDS (0 = no limit) bounds
+# OUT_DIR/work with bfloat16 matmuls (QUICKSTART_DTYPE) and grain workers (log: OUT_DIR/train.log). SECONDS (0 = no limit) bounds
 # that stage: at the limit SIGTERM makes the Hi-MAR trainer save and stop, and the pipeline goes on from there. Then the
 # export is scored with the Fashion-MNIST classifier for a few sampler settings (OUT_DIR/scores.json) and packed
 # as OUT_DIR/export.tar. Environment: QUICKSTART_VARIANT (configs/quickstart.py variant, default ''),
-# QUICKSTART_WORKERS (grain workers, 12), QUICKSTART_EVAL_NUM (samples per setting, 1000).
+# QUICKSTART_WORKERS (grain workers, 12), QUICKSTART_EVAL_NUM (samples per setting, 1000), QUICKSTART_DTYPE
+# (matmul dtype, bfloat16; float32 on a CPU).
 # To ship the result: rm -r himar_jax/assets/quickstart && tar -xf OUT_DIR/export.tar -C himar_jax/assets
 set -euo pipefail
 out=${1:?usage: launch/train_quickstart.sh OUT_DIR [FASHION_MNIST_DIR] [SECONDS] [--config.x=y ...]}
@@ -19,11 +20,12 @@ mkdir -p "$out"
 work="$out/work"
 workers=${QUICKSTART_WORKERS:-12}
 variant=${QUICKSTART_VARIANT:-}
+dtype=${QUICKSTART_DTYPE:-bfloat16}
 export PYTHONUNBUFFERED=1
 start=$(date +%s)
 python3 -m himar_jax quickstart --workdir="$work" --config=configs/quickstart.py:"$variant" \
   --config.quickstart.from_scratch=True \
-  --config.vae.data.path="$data" --config.model.dtype=bfloat16 --config.vae.model.dtype=bfloat16 \
+  --config.vae.data.path="$data" --config.model.dtype="$dtype" --config.vae.model.dtype="$dtype" \
   --config.data.num_workers="$workers" --config.vae.data.num_workers="$workers" "$@" > "$out/train.log" 2>&1 &
 pid=$!
 if [ "$seconds" -gt 0 ]; then
