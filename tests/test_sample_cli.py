@@ -243,3 +243,17 @@ def test_sample_verb_with_overrides(tmp_path):
   assert meta["sample_kwargs"]["cfg"] == 2.5 and meta["labels"] == [9, 9] and meta["family"] == "pixel_mar"
   with np.load(tmp_path / "s" / "samples_2x32x32x1.npz") as f:
     assert f["arr_0"].shape == (2, 32, 32, 1)
+
+
+def test_evaluate_generates_decoded_latent_samples(himar_setup):
+  """evaluate's chunked generation decodes latent families too, and its samples are the `sample` verb's (same seed
+  and indices)."""
+  from himar_jax.evaluation import evaluate as ev
+  config, _, ckpt, root = himar_setup
+  images, labels = ev.generate_samples(config, ckpt, str(root / "eval"), num=3, step=0, progress=False)
+  assert images.shape == (3, 16, 16, 1) and images.dtype == np.uint8 and labels.tolist() == [0, 1, 2]
+  summary = sample_cli.sample(config, ckpt, str(root / "same"), num=3, seed=int(config.sample.seed), progress=False)
+  with np.load(summary["sample_batch"]) as f:
+    np.testing.assert_array_equal(f["arr_0"], images)
+  manifest = json.load(open(root / "eval" / "chunks" / "manifest.json"))
+  assert manifest["tokenizer_fingerprint"] == conv.read_metadata(config.tokenizer.checkpoint)["fingerprint"][:16]
