@@ -257,3 +257,26 @@ def test_evaluate_generates_decoded_latent_samples(himar_setup):
     np.testing.assert_array_equal(f["arr_0"], images)
   manifest = json.load(open(root / "eval" / "chunks" / "manifest.json"))
   assert manifest["tokenizer_fingerprint"] == conv.read_metadata(config.tokenizer.checkpoint)["fingerprint"][:16]
+
+
+def test_next_scale_decoder_from_an_official_layout_file(tmp_path):
+  """config.tokenizer.checkpoint may be VAR's VQ-VAE file itself (here an .npz of the official keys, from the
+  tokenizer fixtures) when config.tokenizer names the architecture (preset + arch)."""
+  import ml_collections
+  from configs.next_scale import get_config
+  with np.load(os.path.join(REPO, "tests", "fixtures", "tokenizers", "vq_pyramid.npz")) as f:
+    sd = {k[3:]: f[k].astype(np.float32) for k in f.files if k.startswith("sd/")}
+  np.savez(tmp_path / "vae.npz", **sd)
+  config = get_config("hmar_tiny")
+  config.model.vocab_size, config.model.z_channels, config.model.patch_nums = 64, 8, (1, 2, 3, 4, 6, 8)
+  arch = tokenizers.arch_overrides("vq_pyramid")
+  arch.norm_groups = 32
+  config.tokenizer = ml_collections.ConfigDict({"config": "", "preset": "vq_tiny", "arch": arch,
+                                                "checkpoint": str(tmp_path / "vae.npz")})
+  dec = sampling.load_image_decoder(config)
+  assert dec.kind == "vq_pyramid" and dec.image_shape == (16, 16, 3)
+  np.testing.assert_array_equal(np.asarray(dec.state["quantize"]["embedding"]["embedding"]),
+                                sd["quantize.embedding.weight"])
+  config.tokenizer.preset = ""
+  with pytest.raises(ValueError, match="is a file: set config.tokenizer.config"):
+    sampling.load_image_decoder(config)
