@@ -33,7 +33,7 @@ from flax import nnx
 from himar_jax.diffusion.gaussian import create_diffusion
 from himar_jax.models import heads
 from himar_jax.nn.layers import dense, embed, layer_norm, with_axes
-from himar_jax.nn.transformer import Block
+from himar_jax.nn.transformer import Block, call_checkpointed, check_remat
 
 _normal02 = nnx.initializers.normal(0.02)
 
@@ -123,7 +123,8 @@ class MAR(nnx.Module):
                head_width: int, head_depth: int, mlp_ratio: float = 4.0, dropout: float = 0.1,
                label_drop_prob: float = 0.1, mask_ratio_min: float = 0.7, diffusion_batch_mul: int = 4,
                num_sampling_steps: str = "100", noise_schedule: str = "cosine", dtype=jnp.bfloat16,
-               num_phases: int = 1, prefix_tokens: int = 0, encoder_buckets: int = 1, rngs: nnx.Rngs):
+               num_phases: int = 1, prefix_tokens: int = 0, encoder_buckets: int = 1, remat: str = "none",
+               rngs: nnx.Rngs):
     if num_phases not in (1, 2):
       raise ValueError(f"num_phases={num_phases} must be 1 (MAR) or 2 (Hi-MAR).")
     self.num_tokens, self.token_dim, self.num_classes = num_tokens, token_dim, num_classes
@@ -134,6 +135,7 @@ class MAR(nnx.Module):
     if encoder_buckets < 1:
       raise ValueError(f"encoder_buckets={encoder_buckets} must be >= 1.")
     self.encoder_buckets = encoder_buckets
+    self.remat = check_remat(remat)
     self.seq_len = prefix_tokens + num_tokens
     # The most tokens visible in MAR training; sampling uses the full length.
     self.train_capacity = num_tokens - int(math.ceil(num_tokens * mask_ratio_min))
@@ -219,7 +221,7 @@ class MAR(nnx.Module):
     key_mask = jnp.concatenate([jnp.ones((b, nb), bool), valid], axis=1)
     ada = self._phase_embedding("encoder", phase)
     for block in self.encoder_blocks:
-      x = block(x, phase_embedding=ada, phase=phase, key_mask=key_mask, rngs=rngs)
+      x = call_checkpointed(block, self.remat, x, phase_embedding=ada, phase=phase, key_mask=key_mask, rngs=rngs)
     return self.encoder_norm(x), idx, valid
 
   def visible_capacities(self, fixed: int = 0) -> tuple[int, ...]:
@@ -238,10 +240,16 @@ class MAR(nnx.Module):
     key = None if rngs is None else rngs.dropout()
 
     def branch(cap):
+      def encode(model, x, mask, class_emb, rngs=None):
+        return model.encode(x, mask, class_emb, cap, phase=phase, rngs=rngs)
+
       def run(operands):
         x, mask, class_emb, key = operands
-        h, idx, valid = self.encode(x, mask, class_emb, cap, phase=phase,
-                                    rngs=None if key is None else nnx.Rngs(dropout=key))
+        # Under differentiation lax.switch keeps the residuals of EVERY branch (their shapes differ, so XLA
+        # allocates all of them): checkpointing the branch keeps only its inputs, and the backward pass
+        # recomputes the one branch that ran.
+        h, idx, valid = call_checkpointed(self, "full" if self.remat != "none" else "none", x, mask, class_emb,
+                                          method=encode, rngs=None if key is None else nnx.Rngs(dropout=key))
         pad = s - cap
         return (jnp.pad(h, ((0, 0), (0, pad), (0, 0))), jnp.pad(idx, ((0, 0), (0, pad))),
                 jnp.pad(valid, ((0, 0), (0, pad))))
@@ -267,7 +275,7 @@ class MAR(nnx.Module):
     x = jnp.concatenate([x[:, :nb], full], axis=1) + self._phase_half(self.decoder_pos_embed, phase, nb + s)
     ada = self._phase_embedding("decoder", phase)
     for block in self.decoder_blocks:
-      x = block(x, phase_embedding=ada, phase=phase, rngs=rngs)
+      x = call_checkpointed(block, self.remat, x, phase_embedding=ada, phase=phase, rngs=rngs)
     x = self.decoder_norm(x)[:, nb:]
     return x + self.diffusion_pos_embed[...]
 
@@ -531,7 +539,8 @@ class HiMAR(MAR):
     self.cond_tokens = nnx.Param(with_axes(_normal02, (None, "length", None))(rngs.params(), (1, p, token_dim),
                                                                                jnp.float32))
     self.dit_head = heads.DiTHead(token_dim, decoder_dim, dit_width, dit_depth, dit_heads, grid_size=grid_size,
-                                  mlp_ratio=dit_mlp_ratio, learn_sigma=False, dtype=dtype, rngs=rngs)
+                                  mlp_ratio=dit_mlp_ratio, learn_sigma=False, dtype=dtype, remat=self.remat,
+                                  rngs=rngs)
 
   # -- inputs ------------------------------------------------------------------------------------------------------
   def _tokens(self, batch):
@@ -804,7 +813,7 @@ def _backbone_kwargs(m) -> dict:
               head_width=m.head_width, head_depth=m.head_depth, mlp_ratio=m.mlp_ratio, dropout=m.dropout,
               label_drop_prob=m.label_drop_prob, mask_ratio_min=m.mask_ratio_min,
               diffusion_batch_mul=m.diffusion_batch_mul, num_sampling_steps=m.num_sampling_steps,
-              encoder_buckets=m.get("encoder_buckets", 1), dtype=_DTYPES[m.dtype])
+              encoder_buckets=m.get("encoder_buckets", 1), remat=m.get("remat", "none"), dtype=_DTYPES[m.dtype])
 
 
 def build(config, rngs: nnx.Rngs) -> MAR:

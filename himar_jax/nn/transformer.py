@@ -8,11 +8,56 @@ as the plain block: no shift, LayerNorm keeps its affine parameters, gates start
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from himar_jax.nn.attention import dot_product_attention
 from himar_jax.nn.layers import DEFAULT_COMPUTE_DTYPE, Mlp, dense, layer_norm
+
+
+# Activation checkpointing of one block call: which intermediate values the backward pass keeps (the rest are
+# recomputed from the block's input). "dots" keeps the weight matmuls' outputs and recomputes norms,
+# activations and attention; "full" keeps only the block inputs (one more forward of the block in the backward).
+REMAT_POLICIES = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def check_remat(policy: str) -> str:
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"remat policy {policy!r} is not one of {sorted(REMAT_POLICIES)}.")
+  return policy
+
+
+def call_checkpointed(module: nnx.Module, policy: str, *args, method=None, rngs: nnx.Rngs | None = None,
+                      **kwargs):
+  """module(*args, rngs=rngs, **kwargs) (or method(module, ...)) with the backward pass keeping only what
+  `policy` saves.
+
+  The module is split into a pure state and called through `jax.checkpoint`; array arguments are passed
+  explicitly (not closed over). Dropout draws one key from `rngs` per call, so the recomputation reuses the same
+  dropout mask. Outside differentiation the call is an ordinary one; the module is not mutated.
+  """
+  check_remat(policy)
+  call = method or (lambda m, *a, **k: m(*a, **k))
+  # One key per call for every policy, so a policy never changes which dropout masks are drawn.
+  key = None if rngs is None else rngs.dropout()
+  if policy == "none":
+    return call(module, *args, **kwargs) if key is None else call(module, *args, rngs=nnx.Rngs(dropout=key),
+                                                                   **kwargs)
+  graphdef, state = nnx.split(module)
+  arrays = {k: v for k, v in kwargs.items() if isinstance(v, jax.Array)}
+  static = {k: v for k, v in kwargs.items() if k not in arrays}
+
+  def run(state, key, args, arrays):
+    inner = nnx.merge(graphdef, state)
+    extra = {} if key is None else {"rngs": nnx.Rngs(dropout=key)}
+    return call(inner, *args, **arrays, **static, **extra)
+
+  return jax.checkpoint(run, policy=REMAT_POLICIES[policy])(state, key, args, arrays)
 
 
 class SelfAttention(nnx.Module):

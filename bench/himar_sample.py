@@ -1,0 +1,87 @@
+"""Hi-MAR / MAR sampling speed on one accelerator: seconds per batch and per image, peak memory.
+
+  PYTHONPATH=. python bench/himar_sample.py --variant=himar_b --batch=128 --out=bench/results/sample_himar_b.json
+
+Random weights (speed does not depend on them), the variant's published sampling settings unless overridden
+(Hi-MAR-B: 32 low-resolution steps (4 x lowres_grid), num_iter=4 dense steps, cfg 2.5, re_cfg 2.7, linear
+schedule, 100 MLP-head and 250 DiT-head diffusion steps, temperature 1.0). One jitted program per batch shape
+(the whole sampler is lax control flow); the first call compiles and is timed separately.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs.himar import get_config  # noqa: E402
+from himar_jax import models  # noqa: E402
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--variant", default="himar_b")
+  p.add_argument("--batch", type=int, default=128)
+  p.add_argument("--repeats", type=int, default=1)
+  p.add_argument("--num_iter", type=int, default=None)
+  p.add_argument("--dit_steps", default=None, help="DiT-head diffusion steps, e.g. 250 or ddim50")
+  p.add_argument("--mlp_steps", default=None, help="MLP-head diffusion steps, e.g. 100")
+  p.add_argument("--out", default=None)
+  args = p.parse_args()
+
+  config = get_config(args.variant)
+  family = models.family_module(config)
+  kwargs = family.sample_kwargs(config)
+  if args.num_iter is not None:
+    kwargs["num_iter"] = args.num_iter
+  if args.dit_steps is not None:
+    kwargs["dit_sampling_steps"] = args.dit_steps
+  if args.mlp_steps is not None:
+    kwargs["num_sampling_steps"] = args.mlp_steps
+  model = models.model_fn(config)(nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def sample(state, labels, keys):
+    return nnx.merge(graphdef, state).sample(labels, keys=keys, **kwargs)
+
+  labels = jnp.arange(args.batch, dtype=jnp.int32) % config.model.num_classes
+  keys = jax.random.split(jax.random.key(0), args.batch)
+  t0 = time.perf_counter()
+  jax.block_until_ready(sample(state, labels, keys))
+  first_s = time.perf_counter() - t0
+  times = []
+  for r in range(args.repeats):
+    keys = jax.random.split(jax.random.key(r + 1), args.batch)
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(sample(state, labels, keys))
+    times.append(time.perf_counter() - t0)
+  batch_s = float(np.median(times))
+  stats = jax.devices()[0].memory_stats() or {}
+  result = {
+      "command": "PYTHONPATH=. python " + " ".join(sys.argv),
+      "device": jax.devices()[0].device_kind, "jax": jax.__version__, "variant": args.variant,
+      "batch": args.batch, "sample_kwargs": {k: v for k, v in kwargs.items()},
+      "dit_sampling_steps": kwargs.get("dit_sampling_steps", config.model.get("dit_sampling_steps")),
+      "mlp_sampling_steps": kwargs.get("num_sampling_steps", config.model.num_sampling_steps),
+      "first_call_s (compile + run)": first_s, "batch_s": batch_s, "s_per_image": batch_s / args.batch,
+      "peak_memory_gib": stats.get("peak_bytes_in_use", float("nan")) / 2 ** 30,
+      "output_shape": list(out.shape), "finite": bool(jnp.all(jnp.isfinite(out))),
+  }
+  print(json.dumps(result, indent=2))
+  if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+      json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
