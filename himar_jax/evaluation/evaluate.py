@@ -2,7 +2,8 @@
 
 1. Restores the checkpoint's EMA params onto every present device (sampling.restore_model_for_sampling); latent
    families (mar, himar, next_scale) decode their samples with config.tokenizer (sampling.load_image_decoder).
-2. Generates `num` class-balanced samples (label of sample i = i mod num_classes; default 50 per class) in chunks
+2. Generates `num` class-balanced samples (label of sample i = i mod num_classes; default 50 per class; families
+   with `evaluation_conditions`, e.g. text-to-image, give their own: random validation captions) in chunks
    of `chunk_size`, sharded over the devices (sampling.sample_batches, one compiled sampler for all chunks).
    Sample i uses key fold_in(key(config.sample.seed), i): a pure function of (seed, i), whatever the chunking. Every chunk is written to <out>/chunks/ as it finishes (atomically); a
    rerun verifies finished chunks (indices, labels, seed, shape, dtype) and regenerates only missing or bad ones.
@@ -115,9 +116,14 @@ def generate_samples(config, checkpoint_dir: str, out_dir: str, *, num: int, ste
   from himar_jax.evaluation.images import to_uint8
   from himar_jax.parallel import mesh as mesh_lib
 
-  num_classes = config.model.num_classes
-  labels = class_balanced_labels(num, num_classes)
-  sample_kwargs = models.family_module(config).sample_kwargs(config)
+  family = models.family_module(config)
+  sample_kwargs = family.sample_kwargs(config)
+  # What each sample is conditioned on: class-balanced labels, or a family's own (labels stored in the chunks and
+  # the ADM batch, conditions(chunk labels) -> the sampler's input), e.g. text-to-image: validation captions.
+  if hasattr(family, "evaluation_conditions"):
+    labels, conditions = family.evaluation_conditions(config, num)
+  else:
+    labels, conditions = class_balanced_labels(num, config.model.num_classes), None
   mesh = mesh_lib.make_mesh((-1, 1, 1))
   decoder = sampling.load_image_decoder(config, mesh=mesh)  # latent families: the tokenizer (errors before sampling)
   image_shape = tuple(decoder.image_shape)
@@ -146,7 +152,8 @@ def generate_samples(config, checkpoint_dir: str, out_dir: str, *, num: int, ste
     s = starts[c]
     chunk_labels = labels[s:s + chunk_size]
     seed = int(config.sample.seed)
-    images = to_uint8(sampling.sample_batches(restored, chunk_labels, seed=seed, start_index=s, decoder=decoder,
+    chunk_conditions = chunk_labels if conditions is None else conditions(chunk_labels)
+    images = to_uint8(sampling.sample_batches(restored, chunk_conditions, seed=seed, start_index=s, decoder=decoder,
                                               **sample_kwargs))
     if is_main:
       path = _chunk_path(out_dir, int(c))
@@ -270,7 +277,7 @@ def evaluate(config, checkpoint_dir: str, out_dir: str, *, num: int | None = Non
   from himar_jax.train import checkpoint as ckpt_lib
 
   _, step = ckpt_lib.resolve_step_dir(checkpoint_dir, step)
-  num = num or DEFAULT_PER_CLASS * config.model.num_classes
+  num = num or config.get("eval", {}).get("num", 0) or DEFAULT_PER_CLASS * config.model.num_classes
   if num <= 0 or chunk_size <= 0:
     raise ValueError(f"--num={num} and chunk_size={chunk_size} must be positive.")
   fmnist = uses_fashion_mnist_classifier(config)
