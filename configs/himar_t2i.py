@@ -98,7 +98,8 @@ def get_config(variant: str = "himar_s_t2i") -> ml_collections.ConfigDict:
   c.text = ml_collections.ConfigDict({"clip": "", "dtype": "float32", "context_dtype": "float16",
                                       "batch_size": 320})
   c.cache = default_cache_config(source="coco", split="train", image_size=256, pivot_size=128)
-  c.eval = ml_collections.ConfigDict({"captions_cache": "", "caption_seed": 0})
+  # evaluate: FID of `num` samples for random captions of a validation-split caption cache
+  c.eval = ml_collections.ConfigDict({"captions_cache": "", "caption_seed": 0, "num": 30_000})
   c.data.source = "coco_cache"
   c.data.cache_dir = ""
   c.data.image_size = 256

@@ -153,3 +153,40 @@ def test_sample_from_prompts_through_the_verb(trained, tmp_path, caplog):
   no_clip.text.clip = str(tmp_path)
   with pytest.raises(FileNotFoundError, match="lacks vocab.json, merges.txt"):
     sample_cli.sample_prompts(no_clip, ckpt, str(prompts), out, per_prompt=1, seed=0)
+
+
+def test_evaluation_generates_from_random_validation_captions(trained, tmp_path, monkeypatch):
+  from himar_jax.data.latent_pipeline import LatentCacheSource
+  from himar_jax.evaluation import evaluate as ev
+  from himar_jax.evaluation.images import to_uint8
+
+  config = trained["sampler_config"].copy_and_resolve_references()
+  config.eval.captions_cache = trained["dir"]  # the tiny cache stands in for the validation split
+  out = str(tmp_path / "eval")
+  images, ids = ev.generate_samples(config, trained["ckpt"], out, num=6, step=2, chunk_size=4, progress=False)
+  assert images.shape == (6, 16, 16, 3) and images.dtype == np.uint8
+  assert len(set(ids.tolist())) == 6 and ids.min() >= 0 and ids.max() < 4 * 5  # 6 distinct of 20 captions
+  np.testing.assert_array_equal(ids, np.random.default_rng(0).choice(20, 6, replace=False))
+  # Sample i is the sample_batches draw at index i for caption ids[i]'s cached context.
+  cache = LatentCacheSource(trained["dir"])
+  contexts = np.stack([cache[int(i) // 5]["context"][int(i) % 5] for i in ids[4:]])
+  decoder = sampling.load_image_decoder(config, trained["restored"])
+  again = sampling.sample_batches(trained["restored"], contexts, seed=int(config.sample.seed), start_index=4,
+                                  decoder=decoder, **models.family_module(config).sample_kwargs(config))
+  np.testing.assert_array_equal(to_uint8(again), images[4:])
+  # Resumed: finished chunks are verified and kept (nothing is sampled again).
+  monkeypatch.setattr(sampling, "sample_batches", lambda *a, **k: pytest.fail("resampled a finished chunk"))
+  images2, ids2 = ev.generate_samples(config, trained["ckpt"], out, num=6, step=2, chunk_size=4, progress=False)
+  np.testing.assert_array_equal(images2, images)
+  np.testing.assert_array_equal(ids2, ids)
+  # FID through the scoring path (a stand-in feature extractor; the Inception network has its own tests).
+  extractor = lambda x, progress=False: {"pool": x.reshape(len(x), -1)[:, :3].astype(np.float64),
+                                         "spatial": x.reshape(len(x), -1)[:, 3:6].astype(np.float64),
+                                         "logits": x.reshape(len(x), -1)[:, :4].astype(np.float64)}
+  ref = str(tmp_path / "ref.npz")
+  np.savez(ref, arr_0=ev.load_image_source(os.path.join(trained["root"], "train2014"), image_size=16))
+  scores = ev.score_inception(images, ref=ref, weights=None, out_dir=out, extractor=extractor, progress=False)
+  assert np.isfinite(scores["fid"]) and scores["fid"] >= 0
+  config.eval.captions_cache = ""
+  with pytest.raises(ValueError, match="config.eval.captions_cache is empty"):
+    ev.generate_samples(config, trained["ckpt"], str(tmp_path / "e2"), num=2, step=2, progress=False)

@@ -163,3 +163,9 @@ def sample_kwargs(config) -> dict:
   m = config.model
   return {"num_iter": m.num_iter, "cfg": m.cfg, "re_cfg": m.re_cfg, "cfg_schedule": m.cfg_schedule,
           "temperature": m.temperature}
+
+
+def evaluation_conditions(config, num: int):
+  """`evaluate`'s per-sample conditions: random validation captions (himar_jax/text/sampling.py)."""
+  from himar_jax.text.sampling import caption_conditions
+  return caption_conditions(config, num)

@@ -1,5 +1,5 @@
 """Sampling text-to-image Hi-MAR from a prompt file (`python -m himar_jax sample --prompts=FILE`), and the caption
-conditions of evaluation.
+conditions of evaluation (`evaluate`: FID of samples for N random validation captions).
 
 sample_from_prompts writes under out_dir:
   prompts_grid.png        one row per prompt (captioned), `per_prompt` samples each
@@ -106,3 +106,30 @@ def sample_from_prompts(config, checkpoint_dir: str, prompts_path: str, out_dir:
     json.dump(meta, f, indent=2, ensure_ascii=False)
   log.info("wrote %d samples of %d prompts to %s", len(images), len(prompts), out_dir)
   return grid
+
+
+def caption_conditions(config, num: int):
+  """(caption ids (num,) int32, ids -> contexts (n, L, D) float32) for `evaluate`: `num` captions drawn at random
+  (seed config.eval.caption_seed; without replacement while num <= all captions) from the COCO caption cache of
+  the validation split at config.eval.captions_cache. Caption id = record index x captions_per_image + k."""
+  from himar_jax.data.coco import check_caption_cache
+  from himar_jax.data.latent_pipeline import LatentCacheSource
+
+  _check_t2i(config)
+  cache_dir = config.eval.get("captions_cache", "")
+  if not cache_dir:
+    raise ValueError("config.eval.captions_cache is empty; set it to a COCO caption cache of the validation split "
+                     "(`cache-latents --config=configs/himar_t2i.py:<variant> --config.cache.split=val "
+                     "--config.cache.dir=DIR`).")
+  source = LatentCacheSource(cache_dir)
+  check_caption_cache(source.metadata, context_length=config.model.context_length,
+                      context_dim=config.model.context_dim, where=cache_dir)
+  per = int(source.metadata["captions_per_image"])
+  total = len(source) * per
+  rng = np.random.default_rng(int(config.eval.get("caption_seed", 0)))
+  ids = rng.choice(total, size=num, replace=num > total).astype(np.int32)
+
+  def conditions(chunk_ids):
+    return np.stack([source[int(i) // per]["context"][int(i) % per] for i in chunk_ids]).astype(np.float32)
+
+  return ids, conditions
