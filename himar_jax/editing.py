@@ -162,6 +162,8 @@ def edit(config, restored: sampling.RestoredModel, image: np.ndarray, generate: 
   `label`, the rest kept. Returns images (num, H, W, C) in [-1, 1], tokens (the sampler's output), known and
   known_mask (what was kept). tokenizer: (kind, module) of sampling.load_tokenizer (loaded when None)."""
   family = config.model.family
+  if jax.process_count() > 1:
+    raise ValueError("editing runs in one process (one image); start `edit` without a multi-process job.")
   if family not in EDIT_FAMILIES:
     raise ValueError(f"editing supports config.model.family in {EDIT_FAMILIES}; got {family!r}.")
   num_classes = int(config.model.num_classes)
