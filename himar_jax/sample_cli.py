@@ -4,7 +4,7 @@ Restores the checkpoint's EMA params onto every device, draws `num` samples in g
 devices (sampling.sample_batches, tqdm bar over batches), decodes latent families with config.tokenizer
 (sampling.load_image_decoder) and writes, under --out:
   images/<index>_class<label>.png   one PNG per sample (index = the sample's key index: seed and index fix it)
-  grid.png                          one row per class (at most GRID_COLUMNS samples each), captioned
+  grid.png                          one row per class (the first GRID_ROWS classes, GRID_COLUMNS samples each)
   samples_<N>x<H>x<W>x<C>.npz       ADM's sample batch: arr_0 uint8 NHWC, arr_1 labels
   samples.json                      what was sampled (checkpoint, step, seed, labels, sampler settings)
 Labels: class-balanced by default (label of sample i = i mod num_classes; num defaults to config.sample.per_class
@@ -24,6 +24,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 GRID_COLUMNS = 16   # samples per class row of grid.png
+GRID_ROWS = 32      # classes (rows) of grid.png: the first ones present
 
 
 def parse_labels(text: str | None, num_classes: int) -> np.ndarray | None:
@@ -59,10 +60,10 @@ def class_names(num_classes: int) -> list[str]:
   return [f"class {i}" for i in range(num_classes)]
 
 
-def class_grid(images: np.ndarray, labels: np.ndarray, *, columns: int = GRID_COLUMNS):
-  """(rows, cols, H, W, C) uint8, one row per class present (ascending), its first `columns` samples; rows with
-  fewer samples are padded with white tiles. Returns (grid, row classes)."""
-  classes = np.unique(labels)
+def class_grid(images: np.ndarray, labels: np.ndarray, *, columns: int = GRID_COLUMNS, rows: int = GRID_ROWS):
+  """(rows, cols, H, W, C) uint8, one row per class present (ascending; at most `rows` classes), its first
+  `columns` samples; rows with fewer samples are padded with white tiles. Returns (grid, row classes)."""
+  classes = np.unique(labels)[:rows]
   cols = min(columns, max(int(np.sum(labels == c)) for c in classes))
   grid = np.full((len(classes), cols) + images.shape[1:], 255, np.uint8)
   for r, c in enumerate(classes):

@@ -154,6 +154,8 @@ def test_labels_and_grid_helpers():
   grid, rows = sample_cli.class_grid(images, np.asarray([3, 7, 3, 7, 3]))
   assert rows.tolist() == [3, 7] and grid.shape == (2, 3, 2, 2, 1)
   assert grid[0, :, 0, 0, 0].tolist() == [0, 2, 4] and grid[1, :, 0, 0, 0].tolist() == [1, 3, 255]
+  grid, rows = sample_cli.class_grid(images, np.asarray([3, 7, 3, 7, 3]), columns=2, rows=1)
+  assert rows.tolist() == [3] and grid.shape == (1, 2, 2, 2, 1)
 
 
 class StubGenerator(nnx.Module):
