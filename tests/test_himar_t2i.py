@@ -65,21 +65,25 @@ def test_build_and_validate(trained, tmp_path):
 
 def test_mask_counts_follow_beta_4_1(trained):
   model = nnx.eval_shape(lambda: models.model_fn(trained["sampler_config"])(nnx.Rngs(0)))  # draws need no weights
-  n = 100_000
   keys = jax.random.split(jax.random.key(3), 4000)
-  r = np.sort(np.asarray(jax.jit(jax.vmap(lambda k: model.masked_count(k, n)))(keys))) / n
+
+  @jax.jit
+  def draw(keys, key):
+    k_low, k_dense = jax.random.split(jax.random.fold_in(key, 0x7e47))
+    return (jax.vmap(lambda k: model.masked_count(k, 100_000))(keys), jax.vmap(lambda k: model.masked_count(k, 16))(
+        keys[:500]), model.draw_training(key, 8), model.masked_count(k_low, 16), model.masked_count(k_dense, 64))
+
+  fine, counts, draws, low, dense = jax.device_get(draw(keys, jax.random.key(5)))
+  r = np.sort(fine) / 100_000
   # Kolmogorov-Smirnov distance to the Beta(4, 1) CDF x^4 (critical value at 0.1%: 1.95 / sqrt(4000) = 0.031)
   ks = max(np.max(np.arange(1, 4001) / 4000 - r ** 4), np.max(r ** 4 - np.arange(4000) / 4000))
   assert ks < 0.031, ks
   assert abs(r.mean() - 0.8) < 0.01
-  draws = jax.jit(lambda k: model.draw_training(k, 8))(jax.random.key(5))
-  k_low, k_dense = jax.random.split(jax.random.fold_in(jax.random.key(5), 0x7e47))
-  assert int(draws["num_masked_low"]) == int(model.masked_count(k_low, 16))
-  assert int(draws["num_masked_dense"]) == int(model.masked_count(k_dense, 64))
-  counts = np.asarray(jax.jit(jax.vmap(lambda k: model.masked_count(k, 16)))(keys[:500]))
   assert counts.min() >= 1 and counts.max() <= 16 and (counts == 16).any()
+  # Both phases' counts in the training draws are these Beta draws (keys folded off the step key).
+  assert int(draws["num_masked_low"]) == int(low) and int(draws["num_masked_dense"]) == int(dense)
   mask = masks_from_orders(draws["order_low"], draws["num_masked_low"])
-  assert (np.asarray(mask.sum(-1)) == int(draws["num_masked_low"])).all()
+  assert (np.asarray(mask.sum(-1)) == int(low)).all()
 
 
 def test_context_tokens_and_empty_caption_branch(trained):
