@@ -16,7 +16,8 @@ def to_uint8(images) -> np.ndarray:
 
 def save_grid(images, path: str, *, row_labels: Sequence[str] | None = None, scale: int = 2,
               label_width: int = 110, pad: int = 2) -> str:
-  """Saves uint8 or [-1, 1] images (rows, cols, H, W, C) as one PNG; each row is captioned by `row_labels`."""
+  """Saves uint8 or [-1, 1] images (rows, cols, H, W, C) as one PNG; each row is captioned by `row_labels` (which
+  may hold several lines)."""
   images = np.asarray(images)
   if images.ndim != 5:
     raise ValueError(f"save_grid expects (rows, cols, H, W, C) images, got shape {images.shape}.")
@@ -35,7 +36,9 @@ def save_grid(images, path: str, *, row_labels: Sequence[str] | None = None, sca
   for r in range(rows):
     y = pad + r * (h + pad)
     if row_labels is not None:
-      draw.text((4, y + h // 2 - 6), str(row_labels[r]), fill=(0, 0, 0), font=font)
+      label = str(row_labels[r])
+      lines = label.count("\n") + 1  # multi-line labels (captions) are centred on the row as a block
+      draw.text((4, y + max(0, h // 2 - 7 * lines)), label, fill=(0, 0, 0), font=font)
     for col in range(cols):
       tile = images[r, col]
       tile = np.repeat(tile, 3, axis=-1) if c == 1 else tile
