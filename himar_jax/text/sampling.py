@@ -92,7 +92,7 @@ def sample_from_prompts(config, checkpoint_dir: str, prompts_path: str, out_dir:
   os.makedirs(out_dir, exist_ok=True)
   h = images.shape[1]
   scale = max(1, 128 // h)
-  labels = [_row_label(p, n, 36, max(1, (h * scale) // 12 - 1)) for p, n in zip(prompts, counts)]
+  labels = [_row_label(p, n, 36, max(1, (h * scale) // 14 - 2)) for p, n in zip(prompts, counts)]  # ~14 px a line
   grid = save_grid(images.reshape((len(prompts), per_prompt) + images.shape[1:]),
                    os.path.join(out_dir, "prompts_grid.png"), row_labels=labels, scale=scale, label_width=230)
   npz = os.path.join(out_dir, "prompts_samples.npz")
