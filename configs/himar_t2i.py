@@ -20,7 +20,7 @@ Pipeline:
   (again with --config.cache.split=val --config.cache.dir=/data/cache/coco_val for evaluation captions)
   python -m himar_jax train --config=configs/himar_t2i.py:himar_s_t2i --config.data.cache_dir=/data/cache/coco_train \
       --workdir=runs/himar_s_t2i
-  python -m himar_jax sample --config=configs/himar_t2i.py:himar_s_t2i --config.text.clip=/models/clip-vit-large-patch14 \
+  python -m himar_jax sample --config=configs/himar_t2i.py:himar_s_t2i --config.text.clip=/models/clip-vit-l-14 \
       --config.tokenizer.checkpoint=ckpt/kl16 --workdir=runs/himar_s_t2i --prompts=prompts.txt --per_prompt=4
   python -m himar_jax.evaluation.evaluate --make_reference --source=/data/coco/val2014 --image_size=256 \
       --inception_weights=pt_inception-2015-12-05-6726825d.pth --out=coco_val_ref.npz
