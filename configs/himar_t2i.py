@@ -13,14 +13,15 @@ recipe: global batch 256 and 1M steps; betas (0.9, 0.95), grad clip 3 and dropou
 Sampling settings (num_iter 4, cfg 2.0, re_cfg 2.0, linear) are starting points, not published values.
 No horizontal flips by default (captions say "left" and "right").
 
-Pipeline:
+Pipeline ($CLIP: a download of huggingface.co/openai/clip-vit-large-patch14 with vocab.json, merges.txt, config.json,
+model.safetensors; ckpt/kl16: MAR's KL-16 VAE from `convert --config=configs/kl_vae.py:kl16`):
   python -m himar_jax cache-latents --config=configs/himar_t2i.py:himar_s_t2i --config.cache.path=/data/coco \
-      --config.text.clip=/models/clip-vit-large-patch14 --config.tokenizer.checkpoint=ckpt/kl16 \
+      --config.text.clip=$CLIP --config.tokenizer.checkpoint=ckpt/kl16 \
       --config.cache.dir=/data/cache/coco_train
   (again with --config.cache.split=val --config.cache.dir=/data/cache/coco_val for evaluation captions)
   python -m himar_jax train --config=configs/himar_t2i.py:himar_s_t2i --config.data.cache_dir=/data/cache/coco_train \
       --workdir=runs/himar_s_t2i
-  python -m himar_jax sample --config=configs/himar_t2i.py:himar_s_t2i --config.text.clip=/models/clip-vit-l-14 \
+  python -m himar_jax sample --config=configs/himar_t2i.py:himar_s_t2i --config.text.clip=$CLIP \
       --config.tokenizer.checkpoint=ckpt/kl16 --workdir=runs/himar_s_t2i --prompts=prompts.txt --per_prompt=4
   python -m himar_jax.evaluation.evaluate --make_reference --source=/data/coco/val2014 --image_size=256 \
       --inception_weights=pt_inception-2015-12-05-6726825d.pth --out=coco_val_ref.npz
