@@ -129,3 +129,14 @@ def test_weight_import_errors_name_keys(tmp_path):
     clip.load_clip_text(str(tmp_path))
   with pytest.raises(ValueError, match=r"must be \(B, 77\)"):
     model(jnp.zeros((2, 10), jnp.int32))
+
+
+def test_config_from_hf_clip_model_files():
+  # openai/clip-vit-large-patch14's config.json: a CLIPModel config, text part (partly) in text_config_dict, the
+  # legacy eos_token_id 2 (HF then pools at argmax(ids), i.e. <|endoftext|> = 49407).
+  cfg = clip.ClipTextConfig.from_hf({"text_config": {"hidden_size": 512, "eos_token_id": 2, "vocab_size": 49408},
+                                     "text_config_dict": {"hidden_size": 768, "intermediate_size": 3072,
+                                                          "num_attention_heads": 12, "num_hidden_layers": 12}})
+  assert cfg == clip.ClipTextConfig()
+  with pytest.raises(ValueError, match="quick_gelu"):
+    clip.ClipTextConfig.from_hf({"hidden_act": "gelu"})

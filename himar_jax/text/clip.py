@@ -39,7 +39,8 @@ class ClipTextConfig:
   @classmethod
   def from_hf(cls, cfg: dict) -> ClipTextConfig:
     """From a Hugging Face config.json dict (CLIPModel's `text_config` or a CLIPTextModel config)."""
-    cfg = cfg.get("text_config", cfg)
+    if "text_config" in cfg or "text_config_dict" in cfg:  # a CLIPModel config; older files split the text part
+      cfg = {**(cfg.get("text_config") or {}), **(cfg.get("text_config_dict") or {})}
     act = cfg.get("hidden_act", "quick_gelu")
     if act != "quick_gelu":
       raise ValueError(f"CLIP text config has hidden_act={act!r}; this encoder implements quick_gelu (OpenAI CLIP).")
