@@ -50,6 +50,7 @@ def _config(cache, kind="hmar"):
   c = get_config(f"{kind}_tiny")
   c.model.patch_nums, c.model.vocab_size, c.model.z_channels = PN, 64, 8
   c.model.mask_schedule = tuple((p * p,) for p in PN)
+  c.model.tokenizer = cache["tok_dir"]  # a directory: the cache must come from this tokenizer
   c.data.cache_dir = cache["dir"]
   c.data.global_batch_size = 4
   return c
@@ -57,7 +58,6 @@ def _config(cache, kind="hmar"):
 
 def test_batches_are_the_tokenizers_indices_of_image_or_flip(token_cache):
   config = _config(token_cache)
-  config.model.tokenizer = token_cache["tok_dir"]  # a directory: the cache must come from this tokenizer
   it = data.make_train_iterator(config)
   seen = set()
   for _ in range(3):
@@ -103,6 +103,12 @@ def test_layout_codebook_and_tokenizer_mismatches_are_named(token_cache):
   config.data.cache_dir = ""
   with pytest.raises(ValueError, match="config.data.cache_dir is empty"):
     data.make_train_iterator(config)
+  config = _config(token_cache)
+  config.model.tokenizer = ""
+  with pytest.raises(ValueError, match=f"config.model.tokenizer is empty.*tokenizer={token_cache['tok_dir']}"):
+    data.make_train_iterator(config)
+  config.train.init_from = "/some/stage1/checkpoints"  # its buffers hold the codebook
+  assert next(data.make_train_iterator(config))["indices"].shape == (4, 130)
 
 
 def test_kl_cache_is_refused_and_out_of_range_indices_raise(token_cache, tmp_path):

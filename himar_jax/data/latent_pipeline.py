@@ -152,6 +152,12 @@ def make_token_iterator(config):
   source = LatentCacheSource(cache_dir, tokenizer_dir=tok if tok and os.path.isdir(tok) else None)
   m = config.model
   check_token_cache(source.metadata, patch_nums=m.patch_nums, vocab_size=m.vocab_size, where=cache_dir)
+  if not tok and not config.train.get("init_from", ""):
+    # Without it the model's frozen codebook / phi (its teacher-forcing inputs) would be random.
+    raise ValueError(f"config.model.tokenizer is empty: training on token cache {cache_dir!r} needs the codebook "
+                     "and phi convs of the tokenizer that made it; set --config.model.tokenizer="
+                     f"{source.metadata['tokenizer'].get('checkpoint')} (or start from a checkpoint that holds them "
+                     "with --config.train.init_from).")
   return make_iterator(source, global_batch_size=config.data.global_batch_size, seed=config.data.shuffle_seed,
                        transform=vq_transform(config.data.random_flip, int(m.vocab_size)),
                        num_workers=config.data.num_workers)

@@ -18,7 +18,10 @@ teacher-forcing inputs itself with the pyramid's `next_scale_inputs`.
 Sampling returns token indices (B, L) int32; images come from the pyramid's decoder (`indices_to_img`). Options:
 greedy decoding, and editing (known tokens kept at every pass, never re-masked; token_masks_from_pixels).
 Training: stage 1 (VAR, HMAR next-scale) weighted CE over all tokens; HMAR stage 2 (stage=2) CE over masked tokens
-of the mask branch; `freeze_untrainable(tx, 2)` keeps everything but mask_embed / mask_blocks / mask head fixed.
+of the mask branch. The trainer freezes params through the family hook `trainable(config, params)` (stage 2:
+only mask_embed / mask_blocks / mask head train; stage 1: all but the unused mask branch) and starts stage 2 from
+stage 1 with config.train.init_from through `adapt_restored_params` (mask branch <- next-scale branch);
+`freeze_untrainable(tx, 2)` is the same freeze for a hand-built optimizer.
 Parity with the official classes: tests/test_next_scale.py (fixtures from tests/fixtures/make_next_scale.py).
 """
 from __future__ import annotations
