@@ -3,6 +3,7 @@ fresh, or with the params (and model buffers) of another run's checkpoint (`conf
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -159,6 +160,10 @@ def restore_params(setup: TrainSetup, directory: str, *, field: str = "params", 
       _flat_shapes(stored.get("buffers", {})) == _flat_shapes(setup.abstract_state.buffers)
   if buffers_ok:
     abstract["buffers"] = setup.abstract_state.buffers
+  elif jax.tree.leaves(setup.abstract_state.buffers):
+    logging.getLogger(__name__).warning(
+        "init_from %s: its buffers (model constants, e.g. a tokenizer's codebook) do not match the model's; "
+        "keeping the freshly built ones (config.model.tokenizer for next-scale models)", step_dir)
   restored = ckpt_lib.restore_subtrees(directory, abstract, step=step)
   return restored[field], restored.get("buffers")
 
