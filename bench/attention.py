@@ -2,12 +2,12 @@
 
 Run on a GPU machine from the repository root:
   PYTHONPATH=. python bench/attention.py --out bench/results/attention_h100.json
-Methods: ours_mosaic (Mosaic GPU forward + Triton backward, the default on Hopper), ours_triton (Triton-lowering
-forward and backward), xla_masked, cudnn_masked, cudnn_nomask. --variants adds forward-only timings of Mosaic GPU
-settings (block_k:stages:persistent). Before timing, checks our kernels (bfloat16) against the float32 XLA reference on fresh
-random inputs: output and dq, dk, dv, relative Frobenius error. Times are medians over repeats of back-to-back jitted calls, rotating among
-input sets so the L2 cache does not hold them; forward+backward is jax.vjp of the attention, applied to a random
-cotangent (all three gradients).
+Methods: ours (automatic dispatch, what callers get), ours_mosaic (Mosaic GPU forward + Triton backward),
+ours_triton (Triton-lowering forward and backward), xla_masked, cudnn_masked, cudnn_nomask. --variants adds
+forward-only timings of Mosaic GPU settings (block_k:stages:persistent). Before timing, checks both kernels
+(bfloat16) against the float32 XLA reference on fresh random inputs: output and dq, dk, dv, relative Frobenius
+error. Times are medians over repeats of back-to-back jitted calls, rotating among input sets so the L2 cache does
+not hold them; forward+backward is jax.vjp of the attention, applied to a random cotangent (all three gradients).
 """
 from __future__ import annotations
 
@@ -61,6 +61,7 @@ def _cudnn(layout: ScaleLayout, masked: bool):
 def methods(layout: ScaleLayout, kernel_kwargs):
   mask = jnp.asarray(layout.dense_mask())[None, None]
   return {
+      "ours": lambda q, k, v: block_sparse_attention(q, k, v, layout, **kernel_kwargs),  # auto dispatch
       "ours_mosaic": lambda q, k, v: block_sparse_attention(q, k, v, layout, gpu_kernel="mosaic", **kernel_kwargs),
       "ours_triton": lambda q, k, v: block_sparse_attention(q, k, v, layout, gpu_kernel="triton", **kernel_kwargs),
       "xla_masked": lambda q, k, v: xla_attention(q, k, v, mask),

@@ -269,7 +269,12 @@ def test_gpu_kernel_dispatch(monkeypatch):
   choose = block_sparse._choose_gpu_kernel
   monkeypatch.setattr(block_sparse, "_is_hopper", lambda: True)
   assert choose(x(9451), None, False) == "mosaic"  # long layouts: Mosaic GPU is faster (notes)
+  assert choose(x(2240), None, False) == "mosaic"
   assert choose(x(680), None, False) == "triton"  # short ones: Triton is
+  assert block_sparse._mosaic_programs("mosaic", 2240, None) == block_sparse._sm_count()  # persistent CTAs
+  assert block_sparse._mosaic_programs("mosaic", 9451, None) is None  # one CTA per tile
+  assert block_sparse._mosaic_programs("mosaic", 9451, True) == block_sparse._sm_count()
+  assert block_sparse._mosaic_programs("triton", 2240, None) is None
   assert choose(x(680), "mosaic", False) == "mosaic"
   assert choose(x(9451), "triton", False) == "triton"
   for case in (x(9451, jnp.float32), x(9451, head_dim=32)):

@@ -93,6 +93,14 @@ def _is_hopper() -> bool:
   return jax.default_backend() == "gpu" and str(capability or "").split(".")[0] == "9"
 
 
+def _mosaic_programs(kernel: str, length: int, persistent: bool | None) -> int | None:
+  """Persistent CTA count (the SM count) for the Mosaic GPU forward, or None for one CTA per work item."""
+  if kernel != "mosaic":
+    return None
+  persistent = length < MOSAIC_GRID_LENGTH if persistent is None else persistent
+  return _sm_count() if persistent else None
+
+
 def _sm_count() -> int:
   """Streaming multiprocessors of the default GPU (132 on an H100 SXM when the device does not say)."""
   return int(getattr(jax.devices()[0], "core_count", None) or 132)
@@ -113,10 +121,14 @@ def _mosaic_unsupported_reason(q, interpret, hopper: bool) -> str | None:
   return None
 
 
-# Auto dispatch takes the Mosaic GPU forward from this length on. Measured on the H100 (bench/attention_notes.md):
-# it wins at L9451 (0.35 / 0.61 ms vs Triton 0.38 / 0.74), ties at L2240 causal and loses at L <= 2240 otherwise,
-# where its one-CTA-per-SM kernel pays a fixed start/finish cost per 128-row tile that Triton's small CTAs hide.
-MOSAIC_MIN_LENGTH = 4096
+# Auto dispatch on Hopper, from the H100 measurements in bench/attention_notes.md: the Mosaic GPU forward from
+# L = MOSAIC_MIN_LENGTH on (L2240: 0.19 / 0.30 ms vs Triton 0.21 / 0.36; L9451: 0.35-0.40 / 0.61-0.66 vs 0.38 /
+# 0.73), Triton below (L680 block-diagonal 0.145 vs 0.164: short loops, where one CTA per SM pays a fixed cost per
+# tile that Triton's small CTAs hide). Persistent CTAs below MOSAIC_GRID_LENGTH (they hide that per-tile cost: L680
+# 0.19 -> 0.17, L2240 causal 0.32 -> 0.30), one CTA per tile from there (L9451 causal 0.66 vs 0.71 persistent: the
+# static item order balances the long, uneven tiles worse than the hardware scheduler).
+MOSAIC_MIN_LENGTH = 1024
+MOSAIC_GRID_LENGTH = 4096
 
 
 def _choose_gpu_kernel(q, gpu_kernel: str | None, interpret) -> str:
@@ -138,7 +150,7 @@ def block_sparse_attention(q, k, v, layout: ScaleLayout, *, scale: float | None 
                            block_k: int | None = None, block_bwd: int | None = None, num_warps: int | None = None,
                            num_stages: int = 3, interpret: Any = False, poison_outputs: bool = False,
                            fast_exp: bool = True, gpu_kernel: str | None = None, stages: int = 2,
-                           persistent: bool = True):
+                           persistent: bool | None = None):
   """Attention of (B, L, H, D) q, k, v under a scale layout; returns (B, L, H, D) in q's dtype.
 
   block_q/block_k: forward tile sizes; block_bwd: the backward's (query and key) tile size; num_warps/num_stages:
@@ -148,7 +160,8 @@ def block_sparse_attention(q, k, v, layout: ScaleLayout, *, scale: float | None 
   bench/attention_notes.md for its speed and error (Triton forward only).
   gpu_kernel: 'mosaic' | 'triton' | None (auto: Mosaic GPU forward on Hopper where supported, else Triton);
   stages: the Mosaic GPU forward's key/value shared-memory ring depth; persistent: its grid is one CTA per SM looping
-  over work items (else one CTA per 128-row query tile, batch row and head).
+  over work items, else one CTA per 128-row query tile, batch row and head (None: persistent for L <
+  MOSAIC_GRID_LENGTH).
   """
   if not isinstance(layout, ScaleLayout):
     raise TypeError(f"layout must be a ScaleLayout (got {type(layout).__name__}); build one with "
@@ -181,7 +194,7 @@ def block_sparse_attention(q, k, v, layout: ScaleLayout, *, scale: float | None 
   cfg = KernelConfig(implementation, scale, block_q or d_q, block_k or d_k, block_bwd or d_bwd,
                      num_warps or 4, num_stages, interpret, poison_outputs,
                      fast_exp and q.dtype == jnp.bfloat16, kernel, stages,
-                     _sm_count() if kernel == "mosaic" and persistent else None)
+                     _mosaic_programs(kernel, layout.length, persistent))
   for name in ("block_q", "block_k", "block_bwd"):
     size = getattr(cfg, name)
     if size < 8 or size & (size - 1):
