@@ -11,8 +11,9 @@ Backends ('implementation'):
   'xla'         the dense-masked float32 reference (reference.py)
   None          'pallas_gpu' on GPU, 'pallas_tpu' on TPU, 'xla' elsewhere
 On GPU, float32 inputs use the tensor cores' tf32 mode (relative error ~3e-4 vs the float32 reference); bfloat16
-is the intended dtype. Gradients come from Pallas backward kernels through jax.custom_vjp. A case a kernel does not support falls back to
-the reference and logs the reason once. `interpret=True` (or a pltpu.InterpretParams) runs the kernels on CPU.
+is the intended dtype. Gradients come from Pallas backward kernels through jax.custom_vjp. A case a kernel does
+not support falls back to the reference and logs the reason once (a Mosaic GPU request it cannot serve runs the
+Triton kernels, also with one logged reason). `interpret=True` (or a pltpu.InterpretParams) runs the kernels on CPU.
 """
 from __future__ import annotations
 

@@ -11,15 +11,17 @@ from layout.plan_tiles, read as scalars from global memory, kv_lo .. kv_hi), spl
   skip  steps of the CTA's range outside the warpgroup's own range (it only keeps the barriers in step),
   masked  steps at the range's ends (per-row [row_start, row_end) masks, rows loaded by TMA),
   full  steps where every row sees every key (no mask).
-Tiles outside the range are never loaded. CTAs run heaviest tile first. Tensors stay (batch, length, heads,
-head_dim), unpadded when L is a multiple of 8 (else padded by < 8 rows, a copy: Mosaic's TMA tiling needs it): TMA
-fills rows past L with zeros on load and drops them on store. Logits are in base 2
-(scaled by scale * log2(e)) and lse = m + log2(l) is stored in those units, as the Triton backward expects.
+Tiles outside the range are never loaded. Work items (a pair of query tiles of one batch row and head) run
+heaviest tile first, either one CTA each or on persistent CTAs that loop over items (the producer then prefetches
+the next item's keys while the consumers finish; ring slots and barrier phases continue across items). Tensors
+stay (batch, length, heads, head_dim), unpadded when L is a multiple of 8 (else padded by < 8 rows, a copy:
+Mosaic's TMA tiling needs it): TMA fills rows past L with zeros on load and drops them on store. Logits are in
+base 2 (scaled by scale * log2(e)) and lse = m + log2(l) is stored in those units, as the Triton backward expects.
 
 Forward only; the backward of this path is the Triton kernel in pallas_gpu.py (see bench/attention_notes.md).
-Runs only on a Hopper GPU (jax's Mosaic GPU interpret mode in jax 0.10.2 does not run this kind of kernel: no
-run_state / layout_cast support, and warp-specialized barriers deadlocked); on CPU, tests lower it to Mosaic GPU
-MLIR (catching trace and layout errors) and test the dispatch around it.
+Runs only on a Hopper GPU: jax 0.10.2's Mosaic GPU interpret mode has no rules for run_state / layout_cast (and
+JAX's own FA3 example, shimmed around those, deadlocked in it), so on CPU the tests lower this kernel to Mosaic GPU
+MLIR (catching trace, layout and TMA-shape errors) and test the dispatch around it.
 """
 from __future__ import annotations
 
