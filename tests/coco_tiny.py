@@ -64,10 +64,13 @@ _CACHED: dict = {}
 def cached_coco() -> dict:
   """One tiny COCO folder, VAE and caption cache per test process (tests only read them)."""
   if not _CACHED:
+    import atexit
+    import shutil
     import tempfile
 
     from himar_jax.data import latent_cache as lc
     tmp = tempfile.mkdtemp(prefix="himar_t2i_coco_")
+    atexit.register(shutil.rmtree, tmp, True)
     root = write_coco(os.path.join(tmp, "coco"))
     vae = tiny_vae(os.path.join(tmp, "vae"))
     config = tiny_config(root, os.path.join(tmp, "cache"), os.path.join(tmp, "vae"))
