@@ -66,8 +66,10 @@ def main():
 
   t0 = time.perf_counter()
   lowered = step.lower(state, batch)
+  print(f"lowered in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
+  print(f"compiled in {compile_s:.1f} s", file=sys.stderr, flush=True)
   # The lowered (pre-optimisation) program still has every matmul as a dot; after compilation GPU matmuls and
   # fused attention are library custom calls that XLA's cost analysis does not count.
   cost, flops_source = lowered.cost_analysis(), "lowered"

@@ -57,6 +57,19 @@ def dot_product_attention(q, k, v, mask=None, *, scale: float | None = None, imp
   if implementation == "xla":
     return xla_attention(q, k, v, mask, scale=scale)
   if implementation == "cudnn":
+    if mask is not None and (q.shape[1] % 2 or k.shape[1] % 2):
+      # cudnn's masked backward needs even lengths, and it checks only when the backward is traced (under
+      # jax.checkpoint, outside this function): pad one query row / one masked-out key, drop the extra row.
+      lq, lk = q.shape[1], k.shape[1]
+      pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n % 2), (0, 0), (0, 0)))
+      mask = jnp.broadcast_to(mask, mask.shape[:2] + (lq, lk))
+      # The extra key is masked out; the extra query row attends everywhere (a fully masked row would give NaNs
+      # whose zero cotangents still poison dk / dv).
+      mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, lk % 2)), constant_values=False)
+      mask = jnp.pad(mask, ((0, 0), (0, 0), (0, lq % 2), (0, 0)), constant_values=True)
+      out = dot_product_attention(pad(q, lq), pad(k, lk), pad(v, lk), mask, scale=scale,
+                                  implementation=None if auto else "cudnn")
+      return out[:, :lq]
     if mask is not None:
       # cudnn takes the mask as a bias of shape (B or 1, H or 1, Lq, Lk): no broadcasting over the two lengths.
       mask = jnp.broadcast_to(mask, mask.shape[:2] + (q.shape[1], k.shape[1]))
