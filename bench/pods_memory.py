@@ -42,7 +42,7 @@ def main():
   args = parse()
   import jax
   if args.mock:
-    jax.config.update("jax_mock_gpu_topology", f"1x1x{args.fsdp}")
+    jax.config.update("jax_mock_gpu_topology", f"1x{args.fsdp}x1")
   import jax.numpy as jnp
   from himar_jax import models
   from himar_jax.parallel import mesh as mesh_lib, sharding as sharding_lib
