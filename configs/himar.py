@@ -61,6 +61,11 @@ def _model(family: str, size: str) -> ml_collections.ConfigDict:
   # Encoder capacities picked per batch at run time (lax.switch; 1 = always the whole sequence): Hi-MAR's
   # phase-2 encoder and MAR's sampler then skip most padding; the result is the same for any value.
   m.encoder_buckets = 4
+  # Training: 1 = the phase-2 encoder always runs the whole sequence (a k-way switch under differentiation keeps
+  # every branch's residuals, or recomputes them when checkpointed, and compiles slowly).
+  m.train_encoder_buckets = 1
+  # Activation checkpointing of every backbone / DiT block: none | dots (keep matmul outputs) | full.
+  m.remat = "none"
   m.cfg_schedule = "linear"
   m.temperature = 1.0
   if family == "himar":

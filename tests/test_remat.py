@@ -13,7 +13,7 @@ from himar_jax.nn.transformer import REMAT_POLICIES, call_checkpointed, check_re
 def _loss_and_grads(remat: str, buckets: int, dropout: float = 0.1):
   config = get_config("himar_tiny")
   config.model.remat = remat
-  config.model.encoder_buckets = buckets
+  config.model.train_encoder_buckets = buckets  # a 2-way switch in training: its branches are checkpointed too
   config.model.dropout = dropout  # dropout on: the recomputation must reuse the same masks
   model = models.model_fn(config)(nnx.Rngs(0))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)

@@ -123,8 +123,8 @@ class MAR(nnx.Module):
                head_width: int, head_depth: int, mlp_ratio: float = 4.0, dropout: float = 0.1,
                label_drop_prob: float = 0.1, mask_ratio_min: float = 0.7, diffusion_batch_mul: int = 4,
                num_sampling_steps: str = "100", noise_schedule: str = "cosine", dtype=jnp.bfloat16,
-               num_phases: int = 1, prefix_tokens: int = 0, encoder_buckets: int = 1, remat: str = "none",
-               rngs: nnx.Rngs):
+               num_phases: int = 1, prefix_tokens: int = 0, encoder_buckets: int = 1,
+               train_encoder_buckets: int = 1, remat: str = "none", rngs: nnx.Rngs):
     if num_phases not in (1, 2):
       raise ValueError(f"num_phases={num_phases} must be 1 (MAR) or 2 (Hi-MAR).")
     self.num_tokens, self.token_dim, self.num_classes = num_tokens, token_dim, num_classes
@@ -134,7 +134,13 @@ class MAR(nnx.Module):
     self.num_phases, self.prefix_tokens = num_phases, prefix_tokens
     if encoder_buckets < 1:
       raise ValueError(f"encoder_buckets={encoder_buckets} must be >= 1.")
-    self.encoder_buckets = encoder_buckets
+    if train_encoder_buckets < 1:
+      raise ValueError(f"train_encoder_buckets={train_encoder_buckets} must be >= 1.")
+    # Sampling picks among `encoder_buckets` capacities; training among `train_encoder_buckets` (default 1, the
+    # whole sequence): under differentiation lax.switch keeps every branch's residuals (or, checkpointed,
+    # recomputes the branch), and on the GPU a 4-branch switch of checkpointed 12-block encoders did not compile
+    # within minutes.
+    self.encoder_buckets, self.train_encoder_buckets = encoder_buckets, train_encoder_buckets
     self.remat = check_remat(remat)
     self.seq_len = prefix_tokens + num_tokens
     # The most tokens visible in MAR training; sampling uses the full length.
@@ -224,10 +230,10 @@ class MAR(nnx.Module):
       x = call_checkpointed(block, self.remat, x, phase_embedding=ada, phase=phase, key_mask=key_mask, rngs=rngs)
     return self.encoder_norm(x), idx, valid
 
-  def visible_capacities(self, fixed: int = 0) -> tuple[int, ...]:
-    """Encoder capacities for sequences whose visible count ranges over [fixed, S]: `encoder_buckets` steps
-    (fixed + j (S - fixed) / k, the last = S)."""
-    k, s = self.encoder_buckets, self.seq_len
+  def visible_capacities(self, fixed: int = 0, buckets: int | None = None) -> tuple[int, ...]:
+    """Encoder capacities for sequences whose visible count ranges over [fixed, S]: k = `buckets` (default
+    `encoder_buckets`) steps (fixed + j (S - fixed) / k, the last = S)."""
+    k, s = buckets or self.encoder_buckets, self.seq_len
     return tuple(sorted({fixed + ((s - fixed) * j) // k for j in range(1, k + 1)}))
 
   def encode_bucketed(self, x, mask, class_emb, capacities, *, phase: int = 0, rngs=None):
@@ -513,9 +519,9 @@ class HiMAR(MAR):
   fixed variance / 250 steps / RePaint / no class input, and the conditional pivots in the unconditional branch
   are not in the paper.
   Static shapes: phase-1 encoder capacity = P - ceil(P mask_ratio_min) visible pivots; phase 2 the whole sequence,
-  or with encoder_buckets = k the smallest of k capacities P + j N / k that holds the batch's visible tokens,
-  picked at run time (lax.switch over k compiled branches); padding is excluded as attention keys, so no mask
-  ratio recompiles.
+  or with encoder_buckets = k (sampling) / train_encoder_buckets = k (training) the smallest of k capacities
+  P + j N / k that holds the batch's visible tokens, picked at run time (lax.switch over k compiled branches);
+  padding is excluded as attention keys, so no mask ratio recompiles.
   """
 
   def __init__(self, *, grid_size: int, lowres_grid: int, token_dim: int, dit_width: int, dit_depth: int,
@@ -610,7 +616,8 @@ class HiMAR(MAR):
     mask_dense = masks_from_orders(draws["order_dense"], draws["num_masked_dense"])
     mask2 = jnp.concatenate([jnp.zeros((b, p), bool), mask_dense], axis=1)
     x2 = jnp.concatenate([pivots, self.z_proj(dense).astype(jnp.float32)], axis=1)
-    h, idx, valid = self.encode_bucketed(x2, mask2, drop_class(draws["drop_dense"]), self.visible_capacities(p),
+    h, idx, valid = self.encode_bucketed(x2, mask2, drop_class(draws["drop_dense"]),
+                                         self.visible_capacities(p, self.train_encoder_buckets),
                                          phase=1, rngs=rngs)
     z_dense = self.decode(h, idx, valid, phase=1, rngs=rngs)[:, p:]
     diffusion = create_diffusion("", noise_schedule=self.noise_schedule, learn_sigma=False)
@@ -813,7 +820,8 @@ def _backbone_kwargs(m) -> dict:
               head_width=m.head_width, head_depth=m.head_depth, mlp_ratio=m.mlp_ratio, dropout=m.dropout,
               label_drop_prob=m.label_drop_prob, mask_ratio_min=m.mask_ratio_min,
               diffusion_batch_mul=m.diffusion_batch_mul, num_sampling_steps=m.num_sampling_steps,
-              encoder_buckets=m.get("encoder_buckets", 1), remat=m.get("remat", "none"), dtype=_DTYPES[m.dtype])
+              encoder_buckets=m.get("encoder_buckets", 1), train_encoder_buckets=m.get("train_encoder_buckets", 1),
+              remat=m.get("remat", "none"), dtype=_DTYPES[m.dtype])
 
 
 def build(config, rngs: nnx.Rngs) -> MAR:
