@@ -54,7 +54,8 @@ def make_iterator(source, *, global_batch_size: int, seed: int,
   if transform is not None:
     ds = ds.random_map(transform)
   ds = ds.batch(batch, drop_remainder=True)
-  iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(num_workers, 1), prefetch_buffer_size=2))
+  threads = max(num_workers, 1)  # grain warns when its prefetch buffer is smaller than its thread count
+  iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(2, threads)))
   if num_workers > 0:
     iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return iter(iter_ds)
