@@ -10,7 +10,6 @@ schedule, 100 MLP-head and 250 DiT-head diffusion steps, temperature 1.0). One j
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -22,6 +21,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.report import report  # noqa: E402
 from configs.himar import get_config  # noqa: E402
 from himar_jax import models  # noqa: E402
 
@@ -76,11 +76,7 @@ def main():
       "peak_memory_gib": stats.get("peak_bytes_in_use", float("nan")) / 2 ** 30,
       "output_shape": list(out.shape), "finite": bool(jnp.all(jnp.isfinite(out))),
   }
-  print(json.dumps(result, indent=2))
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=2)
+  report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.report import report  # noqa: E402
 from bench.flops import train_flops_per_image  # noqa: E402
 from configs.himar import get_config  # noqa: E402
 from himar_jax import models  # noqa: E402
@@ -113,11 +114,7 @@ def main():
       "peak_tflops_assumed": args.peak_tflops,
       "loss": float(metrics["loss"]),
   }
-  print(json.dumps(result, indent=2))
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=2)
+  report(result, args.out)
 
 
 if __name__ == "__main__":

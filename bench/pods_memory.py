@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import sys
 import time
@@ -44,6 +43,7 @@ def main():
   if args.mock:
     jax.config.update("jax_mock_gpu_topology", f"1x{args.fsdp}x1")
   import jax.numpy as jnp
+  from bench.report import report
   from himar_jax import models
   from himar_jax.parallel import mesh as mesh_lib, sharding as sharding_lib
   from himar_jax.train.optimizer import make_optimizer
@@ -96,11 +96,7 @@ def main():
       "reserve_gib": args.reserve_gib, "per_device_total_gib": total, "device_gib": args.device_gib,
       "fits": total <= args.device_gib,
   }
-  print(json.dumps(result, indent=2))
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=2)
+  report(result, args.out)
 
 
 if __name__ == "__main__":
