@@ -258,7 +258,7 @@ def test_trainer_step_stage2_moves_only_the_mask_branch():
   config = get_config("hmar_tiny_stage2")
   config.optim.warmup_steps = 0
   config.optim.lr = 1e-2
-  tx = ns.freeze_untrainable(opt_lib.make_optimizer(config, 10), 2)
+  tx = opt_lib.make_optimizer(config, 10, trainable=lambda params: ns.trainable(config, params))
   setup = make_train_setup(models.model_fn(config), tx, mesh_lib.make_mesh((-1, 1, 1)))
   state = init_train_state(setup, seed=0)
   batch = {"indices": np.asarray(jax.random.randint(jax.random.key(0), (8, 30), 0, 16), np.int32),

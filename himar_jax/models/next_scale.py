@@ -20,8 +20,7 @@ greedy decoding, and editing (known tokens kept at every pass, never re-masked; 
 Training: stage 1 (VAR, HMAR next-scale) weighted CE over all tokens; HMAR stage 2 (stage=2) CE over masked tokens
 of the mask branch. The trainer freezes params through the family hook `trainable(config, params)` (stage 2:
 only mask_embed / mask_blocks / mask head train; stage 1: all but the unused mask branch) and starts stage 2 from
-stage 1 with config.train.init_from through `adapt_restored_params` (mask branch <- next-scale branch);
-`freeze_untrainable(tx, 2)` is the same freeze for a hand-built optimizer.
+stage 1 with config.train.init_from through `adapt_restored_params` (mask branch <- next-scale branch).
 Parity with the official classes: tests/test_next_scale.py (fixtures from tests/fixtures/make_next_scale.py).
 """
 from __future__ import annotations
@@ -639,22 +638,6 @@ def trainable_mask(params, stage: int):
     return stage == 1 or name.startswith(("mask_embed", "mask_blocks", "mask_head"))
 
   return jax.tree_util.tree_map_with_path(trainable, params)
-
-
-def freeze_untrainable(tx, stage: int):
-  """Chains a zeroing step after an optax transformation so that only `trainable_mask(params, stage)` moves
-  (weight decay included): HMAR stage 2 uses this around make_optimizer(config). Stateless and mask-free in its
-  optimizer state, so the trainer's opt-state shardings are those of the plain optimizer (the Adam moments of the
-  frozen weights are kept but never applied)."""
-  import optax
-  if stage == 1:
-    return tx
-
-  def zero_frozen(updates, params):
-    keep = trainable_mask(params, stage)
-    return jax.tree.map(lambda u, k: u if k else jnp.zeros_like(u), updates, keep)
-
-  return optax.chain(tx, optax.stateless(zero_frozen))
 
 
 def init_mask_branch_from_ns(model: NextScaleTransformer) -> None:
