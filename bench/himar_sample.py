@@ -34,10 +34,13 @@ def main():
   p.add_argument("--num_iter", type=int, default=None)
   p.add_argument("--dit_steps", default=None, help="DiT-head diffusion steps, e.g. 250 or ddim50")
   p.add_argument("--mlp_steps", default=None, help="MLP-head diffusion steps, e.g. 100")
+  p.add_argument("--preset", default="published", help="config.model.sampling_preset: published | fast (DDIM, "
+                 "25 DiT-head steps; never the headline number)")
   p.add_argument("--out", default=None)
   args = p.parse_args()
 
   config = get_config(args.variant)
+  config.model.sampling_preset = args.preset
   family = models.family_module(config)
   kwargs = family.sample_kwargs(config)
   if args.num_iter is not None:
@@ -69,7 +72,7 @@ def main():
   result = {
       "command": "PYTHONPATH=. python " + " ".join(sys.argv),
       "device": jax.devices()[0].device_kind, "jax": jax.__version__, "variant": args.variant,
-      "batch": args.batch, "sample_kwargs": {k: v for k, v in kwargs.items()},
+      "batch": args.batch, "sampling_preset": args.preset, "sample_kwargs": {k: v for k, v in kwargs.items()},
       "dit_sampling_steps": kwargs.get("dit_sampling_steps", config.model.get("dit_sampling_steps")),
       "mlp_sampling_steps": kwargs.get("num_sampling_steps", config.model.num_sampling_steps),
       "first_call_s (compile + run)": first_s, "batch_s": batch_s, "s_per_image": batch_s / args.batch,

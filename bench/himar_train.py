@@ -24,6 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.report import report  # noqa: E402
+from bench import trace_summary  # noqa: E402
 from bench.flops import train_flops_per_image  # noqa: E402
 from configs.himar import get_config  # noqa: E402
 from himar_jax import models  # noqa: E402
@@ -45,6 +46,8 @@ def main():
   p.add_argument("--remat", default=None, help="config.model.remat override: none | dots | full")
   p.add_argument("--buckets", type=int, default=None, help="config.model.encoder_buckets override")
   p.add_argument("--compile_only", action="store_true", help="print the compiled memory analysis and stop")
+  p.add_argument("--profile", default=None, help="trace 3 more steps into this log_dir and print where the device "
+                 "time goes (bench/trace_summary.py)")
   args = p.parse_args()
 
   config = get_config(args.variant)
@@ -94,6 +97,15 @@ def main():
   jax.block_until_ready(state)
   step_s = (time.perf_counter() - t0) / args.steps
   stats = jax.devices()[0].memory_stats() or {}
+  if args.profile:
+    with jax.profiler.trace(args.profile):
+      for _ in range(3):
+        state, metrics = compiled(state, batch)
+      jax.block_until_ready(state)
+    summary = trace_summary.summarize(trace_summary.newest_trace(args.profile), steps=3)
+    trace_summary.print_summary(summary, file=sys.stderr)
+    with open(os.path.join(args.profile, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=1)
   n_dev = mesh.devices.size
   analytic = train_flops_per_image(config)
   analytic_tflops = analytic["train"] * args.batch / step_s / 1e12 / n_dev
@@ -107,6 +119,7 @@ def main():
       "compiled_temp_gib": getattr(mem, "temp_size_in_bytes", float("nan")) / 2 ** 30,
       "compiled_argument_gib": getattr(mem, "argument_size_in_bytes", float("nan")) / 2 ** 30,
       "remat": config.model.get("remat", "none"), "encoder_buckets": config.model.encoder_buckets,
+      "train_encoder_buckets": config.model.get("train_encoder_buckets", config.model.encoder_buckets),
       "analytic_train_tflop_per_image": analytic["train"] / 1e12,
       "analytic_tflops_per_s_per_device": analytic_tflops,
       "mfu": analytic_tflops / args.peak_tflops,

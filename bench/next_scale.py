@@ -237,6 +237,12 @@ def main(argv=None):
 
   import jax
   device = jax.devices()[0]
+  name = "tiny" if args.config == "tiny" else f"d{args.depth}" + ("_512" if args.resolution == 512 else "")
+  out = args.out
+  if out is None and args.config != "tiny":
+    tag = "".join(ch for ch in device.device_kind.lower().split()[-1] if ch.isalnum()) or device.platform
+    tag = next((t for t in ("h100", "h200", "a100") if t in device.device_kind.lower()), tag)
+    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"next_scale_{name}_{tag}.json")
   results = {}
   for part in args.parts.split(","):
     for kind in ("var", "hmar"):
@@ -247,6 +253,12 @@ def main(argv=None):
         results[f"{part}_{kind}"] = _run_isolated(part, kind, raw)
       if "error" in results[f"{part}_{kind}"]:
         print(results[f"{part}_{kind}"]["error"], file=sys.stderr)
+      else:
+        print(json.dumps(results[f"{part}_{kind}"]), flush=True)
+      if out:  # a partial file after each measurement: a run cut short keeps what it measured
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out + ".partial", "w") as f:
+          json.dump(results, f, indent=2)
   for part in ("train", "sample"):
     for kind in ("var", "hmar"):
       results.setdefault(f"{part}_{kind}", {"kind": kind, "skipped": True})
@@ -255,7 +267,6 @@ def main(argv=None):
             "sample_memory_ratio": _ratio(results, "sample", "peak_gib"),
             "train_memory_ratio": _ratio(results, "train", "peak_gib")}
   verdict = {k: (None if ratios[k] is None else ratios[k] > v) for k, v in CLAIMS.items()}
-  name = "tiny" if args.config == "tiny" else f"d{args.depth}" + ("_512" if args.resolution == 512 else "")
   report = {
       "command": "PYTHONPATH=. python bench/next_scale.py " + " ".join(shlex.quote(a) for a in raw),
       "device": device.device_kind, "platform": device.platform, "jax": jax.__version__, "model": name,
@@ -263,15 +274,11 @@ def main(argv=None):
       "results": results, "ratios_var_over_hmar": ratios, "paper_claims": CLAIMS, "meets_claim": verdict}
   print(_table(results, ratios))
   print(json.dumps({"ratios_var_over_hmar": ratios, "meets_claim": verdict}, indent=2))
-  out = args.out
-  if out is None and args.config != "tiny":
-    tag = "".join(ch for ch in device.device_kind.lower().split()[-1] if ch.isalnum()) or device.platform
-    tag = next((t for t in ("h100", "h200", "a100") if t in device.device_kind.lower()), tag)
-    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"next_scale_{name}_{tag}.json")
   if out:
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
       json.dump(report, f, indent=2)
+    if os.path.exists(out + ".partial"):
+      os.remove(out + ".partial")
     print(f"wrote {out}")
   return 0
 

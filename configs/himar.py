@@ -73,6 +73,8 @@ def _model(family: str, size: str) -> ml_collections.ConfigDict:
     m.dit_width, m.dit_depth, m.dit_heads = s["dit"]
     m.dit_mlp_ratio = 4.0
     m.dit_sampling_steps = "250"
+    # published | fast (DDIM with 25 DiT-head steps: models/himar.py SAMPLING_PRESETS; not the paper's sampler)
+    m.sampling_preset = "published"
     m.step_stage2_rate = 0.25
     m.step_warmup_epochs = 100
     m.steps_per_epoch = math.ceil(IMAGENET_TRAIN / 2048)

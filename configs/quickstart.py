@@ -128,6 +128,7 @@ def _himar(c: ml_collections.ConfigDict, tiny: bool) -> ml_collections.ConfigDic
   # Sampling (CPU-friendly step counts; training uses the 1000-step schedule)
   m.num_sampling_steps = "50"
   m.dit_sampling_steps = "50"
+  m.sampling_preset = "published"  # or "fast": DDIM with 25 DiT-head steps (models/himar.py SAMPLING_PRESETS)
   m.num_iter = 8
   m.cfg = 3.0
   m.re_cfg = 3.0

@@ -1,4 +1,5 @@
 """Hi-MAR / MAR models against the official PyTorch classes (fixtures from tests/fixtures/make_himar.py)."""
+import functools
 import os
 
 import jax
@@ -105,6 +106,43 @@ def test_himar_sampling_matches_official(loss_fixture):
   low, dense = run(model, labels, orders, noise)
   np.testing.assert_allclose(np.asarray(low), sx["lowres"], rtol=1e-4, atol=1e-4 * np.abs(sx["lowres"]).max())
   np.testing.assert_allclose(np.asarray(dense), sx["dense"], rtol=1e-4, atol=1e-4 * np.abs(sx["dense"]).max())
+
+
+def test_fast_preset_ddim_dit_head_ignores_step_noise_and_keeps_phase_one(loss_fixture):
+  """sampling_preset=fast: phase 1 is the published sampler's, phase 2 takes deterministic DDIM steps (per-step
+  noise unused; the official DDPM sampler does use it)."""
+  fx, sx = loss_fixture, _fixture("himar_sample.npz")
+  c, model = _official_model(fx)
+  c.model.sampling_preset = "fast"
+  kw = himar.sample_kwargs(c)
+  assert kw["dit_sampling_method"] == "ddim" and kw["dit_sampling_steps"] == "ddim25"
+  noise = {k: jnp.asarray(sx[k]) for k in ("low_init", "low_steps", "dense_init", "dense_steps")}
+  labels = jnp.asarray(sx["label"], jnp.int32)
+  orders = (jnp.asarray(sx["order_low"]), jnp.asarray(sx["order_dense"]))
+  steps = str(sx["dit_steps"])
+
+  @functools.partial(jax.jit, static_argnames="method")
+  def run(m, noise, method):
+    return m.sample_tokens(labels, keys=jax.random.split(jax.random.key(0), labels.shape[0]),
+                           num_iter=int(sx["num_iter"]), cfg=float(sx["cfg"]), re_cfg=float(sx["re_cfg"]),
+                           num_sampling_steps=str(sx["mlp_steps"]), dit_sampling_steps=steps,
+                           dit_sampling_method=method, orders=orders, noise=noise)
+
+  other = dict(noise, dense_steps=noise["dense_steps"] + 1.0)
+  low_ddim, dense_ddim = run(model, noise, "ddim")
+  _, dense_ddim2 = run(model, other, "ddim")
+  _, dense_ddpm2 = run(model, other, "ddpm")
+  np.testing.assert_array_equal(np.asarray(dense_ddim), np.asarray(dense_ddim2))
+  np.testing.assert_allclose(np.asarray(low_ddim), sx["lowres"], rtol=1e-4, atol=1e-4 * np.abs(sx["lowres"]).max())
+  assert np.all(np.isfinite(np.asarray(dense_ddim)))
+  assert not np.allclose(np.asarray(dense_ddpm2), sx["dense"], atol=1e-3)  # DDPM reads the per-step noise
+  c.model.sampling_preset = "turbo"
+  with pytest.raises(ValueError, match="sampling_preset='turbo'"):
+    himar.sample_kwargs(c)
+  mar = get_config("mar_tiny")
+  mar.model.sampling_preset = "fast"
+  with pytest.raises(ValueError, match="only the himar family"):
+    himar.sample_kwargs(mar)
 
 
 def test_mar_loss_and_sampling_match_official():

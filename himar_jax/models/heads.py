@@ -284,7 +284,8 @@ def _guided(head, z, cfg_scale, channels):
   return model_fn
 
 
-def _start(shape, key, noise, step_noise):
+def _start(shape, key, noise, step_noise, *, noiseless: bool = False):
+  """(x_T, key for per-step noise or None). noiseless: the sampler draws no per-step noise (DDIM, eta 0)."""
   loop_key = None
   if noise is None:
     if key is None:
@@ -293,7 +294,7 @@ def _start(shape, key, noise, step_noise):
     noise = jax.random.normal(sub, shape, jnp.float32)
   elif noise.shape != shape:
     raise ValueError(f"initial noise must have shape {shape}; got {noise.shape}.")
-  if step_noise is None:
+  if step_noise is None and not noiseless:
     if key is None:
       raise ValueError("pass key= or step_noise= (the per-step noise) to the sampler.")
     loop_key = key
@@ -319,13 +320,14 @@ def mlp_head_sample(head: MlpHead, diffusion: GaussianDiffusion, z, *, cfg_scale
 
 
 def dit_head_sample(head: DiTHead, diffusion: GaussianDiffusion, z, *, known, predict_mask, cfg_scale=None,
-                    temperature=1.0, key=None, noise=None, step_noise=None):
+                    temperature=1.0, key=None, noise=None, step_noise=None, method: str = "ddpm"):
   """Samples the whole token map with RePaint re-imposition of known tokens (Hi-MAR phase 2): (B, L, C).
 
   z: (B, L, Dz), or (2B, L, Dz) = [conditional; unconditional] decoder maps with cfg_scale; known (B, L, C)
   tokens (values at generated positions are ignored); predict_mask (B, L) True where tokens are generated.
   Each step first overwrites known positions with q_sample(known, t, x_T), then denoises the full map
-  (`diffusion` is the 250-step fixed-large process in the published models).
+  (`diffusion` is the 250-step fixed-large process in the published models). method="ddim" takes deterministic
+  DDIM steps (eta 0) instead of ancestral ones: the fast sampling preset, not the official sampler.
   """
   b = z.shape[0] if cfg_scale is None else z.shape[0] // 2
   shape = (b, head.grid_size ** 2, head.in_channels)
@@ -333,6 +335,10 @@ def dit_head_sample(head: DiTHead, diffusion: GaussianDiffusion, z, *, known, pr
     raise ValueError(f"known must be {shape} and predict_mask {shape[:2]} for z {z.shape}; got "
                      f"{known.shape} and {predict_mask.shape}.")
   model_fn = (lambda x, t: head(x, t, z)) if cfg_scale is None else _guided(head, z, cfg_scale, head.in_channels)
-  x_init, loop_key = _start(shape, key, noise, step_noise)
-  return diffusion.p_sample_loop(model_fn, x_init, key=loop_key, step_noise=step_noise, temperature=temperature,
-                                 known=known, predict_mask=predict_mask)
+  if method not in ("ddpm", "ddim"):
+    raise ValueError(f"DiT head sampling method={method!r} is not one of 'ddpm', 'ddim'.")
+  x_init, loop_key = _start(shape, key, noise, step_noise, noiseless=method == "ddim")
+  if method == "ddim":  # noiseless: no per-step noise is drawn or read
+    return diffusion.ddim_sample_loop(model_fn, x_init, known=known, predict_mask=predict_mask)
+  return diffusion.sample_loop(model_fn, x_init, method=method, key=loop_key, step_noise=step_noise,
+                               temperature=temperature, known=known, predict_mask=predict_mask)

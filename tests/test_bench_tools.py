@@ -1,0 +1,39 @@
+"""bench/trace_summary.py: per-kernel and per-kind device time from a profiler trace (a synthetic one here)."""
+import gzip
+import json
+import os
+
+import pytest
+
+from bench import trace_summary
+
+
+def _write_trace(root, events):
+  folder = os.path.join(root, "plugins", "profile", "2026_01_01_00_00_00")
+  os.makedirs(folder)
+  with gzip.open(os.path.join(folder, "host.trace.json.gz"), "wt") as f:
+    json.dump({"traceEvents": events, "metadata": {}}, f)
+
+
+def test_summary_sums_device_kernels_per_step_and_kind(tmp_path):
+  meta = lambda pid, name: {"ph": "M", "name": "process_name", "pid": pid, "args": {"name": name}}
+  kernel = lambda pid, name, dur: {"ph": "X", "pid": pid, "tid": 1, "name": name, "ts": 0, "dur": dur,
+                                   "args": {"hlo_op": name + "_op"}}
+  events = [meta(1, "/device:GPU:0"), meta(2, "/host:CPU"),
+            kernel(1, "sm90_xmma_gemm_bf16bf16_bf16f32", 300.0), kernel(1, "sm90_xmma_gemm_bf16bf16_bf16f32", 300.0),
+            kernel(1, "loop_multiply_fusion_3", 150.0), kernel(1, "cudnn_generated_fort_native_sdpa", 90.0),
+            kernel(1, "input_reduce_fusion", 60.0), kernel(2, "ThunkExecutor::Execute", 5000.0)]
+  _write_trace(str(tmp_path), events)
+  s = trace_summary.summarize(trace_summary.newest_trace(str(tmp_path)), steps=2)
+  assert s["device_processes"] == ["/device:GPU:0"]
+  assert s["device_ms_per_step"] == pytest.approx(0.45)  # 900 us of device kernels over 2 steps; host excluded
+  assert s["by_kind_ms_per_step"] == {"matmul": 0.3, "fusion:loop": 0.075, "attention": 0.045,
+                                      "fusion:input": 0.03}
+  top = s["top_kernels"][0]
+  assert top["kind"] == "matmul" and top["calls_per_step"] == 1 and top["share"] == pytest.approx(600 / 900, abs=1e-4)
+  assert top["hlo_op"] == "sm90_xmma_gemm_bf16bf16_bf16f32_op"
+
+
+def test_missing_trace_names_the_folder(tmp_path):
+  with pytest.raises(FileNotFoundError, match="jax.profiler.trace"):
+    trace_summary.newest_trace(str(tmp_path))
