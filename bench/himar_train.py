@@ -44,6 +44,7 @@ def main():
   p.add_argument("--peak_tflops", type=float, default=989.0)
   p.add_argument("--out", default=None)
   p.add_argument("--remat", default=None, help="config.model.remat override: none | dots | full")
+  p.add_argument("--dropout_rng", default=None, help="config.model.dropout_rng override: threefry | rbg")
   p.add_argument("--buckets", type=int, default=None, help="config.model.encoder_buckets override")
   p.add_argument("--compile_only", action="store_true", help="print the compiled memory analysis and stop")
   p.add_argument("--profile", default=None, help="trace 3 more steps into this log_dir and print where the device "
@@ -57,6 +58,8 @@ def main():
     config.model.remat = args.remat
   if args.buckets is not None:
     config.model.encoder_buckets = args.buckets
+  if args.dropout_rng is not None:
+    config.model.dropout_rng = args.dropout_rng
   mesh = mesh_lib.mesh_from_config(config)
   setup = make_train_setup(models.model_fn(config), make_optimizer(config, 10_000), mesh)
   state = init_train_state(setup, config.seed)
@@ -120,6 +123,7 @@ def main():
       "compiled_argument_gib": getattr(mem, "argument_size_in_bytes", float("nan")) / 2 ** 30,
       "remat": config.model.get("remat", "none"), "encoder_buckets": config.model.encoder_buckets,
       "train_encoder_buckets": config.model.get("train_encoder_buckets", config.model.encoder_buckets),
+      "dropout_rng": config.model.get("dropout_rng", "threefry"),
       "analytic_train_tflop_per_image": analytic["train"] / 1e12,
       "analytic_tflops_per_s_per_device": analytic_tflops,
       "mfu": analytic_tflops / args.peak_tflops,

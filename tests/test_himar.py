@@ -289,3 +289,31 @@ def test_end_to_end_latent_cache_train_restore_sample_decode(tmp_path):
   assert latents.shape == (2, 8, 8, 4)
   decoded = tok.decode_scaled(latents)
   assert decoded.shape == (2, 16, 16, 1) and np.isfinite(np.asarray(decoded)).all()
+
+
+def test_rbg_dropout_is_a_function_of_the_step_key():
+  """dropout_rng=rbg: the same key gives the same loss, another key another one, and threefry's masks differ
+  from rbg's; bad values are named."""
+  c = get_config("himar_tiny")
+  batch = {"latent": jax.random.normal(jax.random.key(1), (4, 16, 16, c.model.token_dim)),
+           "latent_small": jax.random.normal(jax.random.key(2), (4, 8, 8, c.model.token_dim)),
+           "label": jnp.asarray([0, 1, 2, 3], jnp.int32)}
+
+  def loss_fn(impl):
+    c.model.dropout_rng, c.model.dropout = impl, 0.3
+    graphdef, params, rest = nnx.split(models.model_fn(c)(nnx.Rngs(0)), nnx.Param, ...)
+    # Perturbed parameters: at init the heads' zero-initialised output layers hide the backbone (and dropout).
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    params = jax.tree.unflatten(treedef, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+    fn = jax.jit(lambda p, k: nnx.merge(graphdef, p, rest).train_loss(batch, key=k, step=0)[0])
+    return lambda key: float(fn(params, key))
+
+  rbg, threefry = loss_fn("rbg"), loss_fn("threefry")
+  k1, k2 = jax.random.key(7), jax.random.key(8)
+  a = rbg(k1)
+  assert np.isfinite(a) and a == rbg(k1) and a != rbg(k2)
+  assert threefry(k1) != a
+  c.model.dropout_rng = "philox"
+  with pytest.raises(ValueError, match="dropout_rng='philox'"):
+    models.model_fn(c)(nnx.Rngs(0))

@@ -107,6 +107,19 @@ def cosine_mask_lengths(num_tokens: int, num_iter: int) -> np.ndarray:
 # The backbone: MAR (one phase) and Hi-MAR (two phases) share it
 # ----------------------------------------------------------------------------------------------------------------
 
+DROPOUT_RNGS = ("threefry", "rbg")
+
+
+def dropout_rngs(key, impl: str = "threefry") -> nnx.Rngs:
+  """The dropout stream of one training step from its (threefry) key. impl="rbg" re-keys it as an RBG key (4
+  words drawn from `key`), so the masks' bits come from XLA's RngBitGenerator instead of the threefry hash; still
+  a function of `key` alone, but different masks than threefry's (the official code's masks are not reproducible
+  either way). Training-only: sampling draws no dropout."""
+  if impl == "rbg":
+    key = jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl="rbg")
+  return nnx.Rngs(dropout=key)
+
+
 class MAR(nnx.Module):
   """MAR's encoder / decoder / MLP head; `num_phases=2` gives Hi-MAR's scale-aware backbone (see HiMAR).
 
@@ -124,7 +137,8 @@ class MAR(nnx.Module):
                label_drop_prob: float = 0.1, mask_ratio_min: float = 0.7, diffusion_batch_mul: int = 4,
                num_sampling_steps: str = "100", noise_schedule: str = "cosine", dtype=jnp.bfloat16,
                num_phases: int = 1, prefix_tokens: int = 0, encoder_buckets: int = 1,
-               train_encoder_buckets: int = 1, remat: str = "none", rngs: nnx.Rngs):
+               train_encoder_buckets: int = 1, remat: str = "none", dropout_rng: str = "threefry",
+               rngs: nnx.Rngs):
     if num_phases not in (1, 2):
       raise ValueError(f"num_phases={num_phases} must be 1 (MAR) or 2 (Hi-MAR).")
     self.num_tokens, self.token_dim, self.num_classes = num_tokens, token_dim, num_classes
@@ -142,6 +156,9 @@ class MAR(nnx.Module):
     # within minutes.
     self.encoder_buckets, self.train_encoder_buckets = encoder_buckets, train_encoder_buckets
     self.remat = check_remat(remat)
+    if dropout_rng not in DROPOUT_RNGS:
+      raise ValueError(f"dropout_rng={dropout_rng!r} is not one of {DROPOUT_RNGS}.")
+    self.dropout_rng = dropout_rng
     self.seq_len = prefix_tokens + num_tokens
     # The most tokens visible in MAR training; sampling uses the full length.
     self.train_capacity = num_tokens - int(math.ceil(num_tokens * mask_ratio_min))
@@ -334,7 +351,7 @@ class MAR(nnx.Module):
     """Diffusion loss on masked tokens. batch: 'tokens' (B, N, C) or 'latent' (B, h, w, C); 'label' (B,) int."""
     self._mar_tokens(batch)  # shape errors before any work
     draws = self.draw_training(key, batch["label"].shape[0], step)
-    loss = self.losses(batch, draws, nnx.Rngs(dropout=draws["dropout"]))
+    loss = self.losses(batch, draws, dropout_rngs(draws["dropout"], self.dropout_rng))
     return loss, {"mask_ratio": draws["num_masked"].astype(jnp.float32) / self.num_tokens}
 
   # -- sampling --------------------------------------------------------------------------------------------------
@@ -632,7 +649,7 @@ class HiMAR(MAR):
     """Weighted two-phase loss. batch: latent (B, 16, 16, C), latent_small (B, 8, 8, C), label (B,)."""
     self._tokens(batch)  # shape errors before any work
     draws = self.draw_training(key, batch["latent"].shape[0], step)
-    loss_low, loss_dense = self.losses(batch, draws, nnx.Rngs(dropout=draws["dropout"]))
+    loss_low, loss_dense = self.losses(batch, draws, dropout_rngs(draws["dropout"], self.dropout_rng))
     w1, w2 = self.phase_loss_weights
     loss = w1 * loss_low + w2 * loss_dense
     return loss, {"loss_lowres": loss_low, "loss_dense": loss_dense,
@@ -828,7 +845,7 @@ def _backbone_kwargs(m) -> dict:
               label_drop_prob=m.label_drop_prob, mask_ratio_min=m.mask_ratio_min,
               diffusion_batch_mul=m.diffusion_batch_mul, num_sampling_steps=m.num_sampling_steps,
               encoder_buckets=m.get("encoder_buckets", 1), train_encoder_buckets=m.get("train_encoder_buckets", 1),
-              remat=m.get("remat", "none"), dtype=_DTYPES[m.dtype])
+              remat=m.get("remat", "none"), dropout_rng=m.get("dropout_rng", "threefry"), dtype=_DTYPES[m.dtype])
 
 
 def build(config, rngs: nnx.Rngs) -> MAR:
