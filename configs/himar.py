@@ -75,7 +75,9 @@ def _model(family: str, size: str) -> ml_collections.ConfigDict:
     m.dit_width, m.dit_depth, m.dit_heads = s["dit"]
     m.dit_mlp_ratio = 4.0
     m.dit_sampling_steps = "250"
-    # published | fast (DDIM with 25 DiT-head steps: models/himar.py SAMPLING_PRESETS; not the paper's sampler)
+    m.dit_sampling_method = "ddpm"  # ddpm (the official ancestral sampler) | ddim (deterministic, eta 0)
+    # published | fast (DDIM with 25 DiT-head steps over the fields above: models/himar.py SAMPLING_PRESETS; not
+    # the paper's sampler)
     m.sampling_preset = "published"
     m.step_stage2_rate = 0.25
     m.step_warmup_epochs = 100

@@ -11,9 +11,10 @@ import pytest
 from configs.quickstart import ASSET_DIR, get_config
 from himar_jax import quickstart
 
-# Chance is 0.1. The shipped export scored 0.56 on 100 samples (seed 0, default settings) and 0.6 or more on the
-# 20 drawn here; the Fashion-MNIST classifier itself scores 0.90 on the VAE's reconstructions.
-MIN_CLASS_ACCURACY = 0.4
+# Chance is 0.1. With the config's DiT-head sampler (DDIM, 25 steps) the shipped export scored 0.79 on 500 samples
+# and 0.75 on the 20 drawn here (seed 0); the Fashion-MNIST classifier itself scores 0.90 on the VAE's
+# reconstructions. (50 ancestral steps: 0.54 on 500.)
+MIN_CLASS_ACCURACY = 0.6
 
 
 @pytest.mark.skipif(not os.path.isdir(os.path.join(ASSET_DIR, "checkpoints")),

@@ -881,6 +881,7 @@ def sample_kwargs(config) -> dict:
   out = {"num_iter": m.num_iter, "cfg": m.cfg, "cfg_schedule": m.cfg_schedule, "temperature": m.temperature}
   if m.family == "himar":
     out["re_cfg"] = m.re_cfg
+    out["dit_sampling_method"] = m.get("dit_sampling_method", "ddpm")
   preset = m.get("sampling_preset", "published")
   if preset not in SAMPLING_PRESETS:
     raise ValueError(f"config.model.sampling_preset={preset!r} is not one of {sorted(SAMPLING_PRESETS)}.")
