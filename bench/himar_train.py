@@ -44,6 +44,7 @@ def main():
   p.add_argument("--peak_tflops", type=float, default=989.0)
   p.add_argument("--out", default=None)
   p.add_argument("--remat", default=None, help="config.model.remat override: none | dots | full")
+  p.add_argument("--scan_blocks", type=int, default=None, help="config.model.scan_blocks override: 0 | 1")
   p.add_argument("--dropout_rng", default=None, help="config.model.dropout_rng override: threefry | rbg")
   p.add_argument("--buckets", type=int, default=None, help="config.model.encoder_buckets override")
   p.add_argument("--compile_only", action="store_true", help="print the compiled memory analysis and stop")
@@ -58,6 +59,8 @@ def main():
     config.model.remat = args.remat
   if args.buckets is not None:
     config.model.encoder_buckets = args.buckets
+  if args.scan_blocks is not None:
+    config.model.scan_blocks = bool(args.scan_blocks)
   if args.dropout_rng is not None:
     config.model.dropout_rng = args.dropout_rng
   mesh = mesh_lib.mesh_from_config(config)
@@ -87,6 +90,7 @@ def main():
   mem = compiled.memory_analysis()
   if args.compile_only:
     print(json.dumps({"variant": args.variant, "batch": args.batch, "remat": config.model.get("remat", "none"),
+                      "scan_blocks": config.model.get("scan_blocks", False),
                       "buckets": config.model.encoder_buckets, "compile_s": round(compile_s, 1),
                       "temp_gib": mem.temp_size_in_bytes / 2 ** 30,
                       "argument_gib": mem.argument_size_in_bytes / 2 ** 30, "flops": flops}))
@@ -124,6 +128,7 @@ def main():
       "remat": config.model.get("remat", "none"), "encoder_buckets": config.model.encoder_buckets,
       "train_encoder_buckets": config.model.get("train_encoder_buckets", config.model.encoder_buckets),
       "dropout_rng": config.model.get("dropout_rng", "threefry"),
+      "scan_blocks": config.model.get("scan_blocks", False),
       "analytic_train_tflop_per_image": analytic["train"] / 1e12,
       "analytic_tflops_per_s_per_device": analytic_tflops,
       "mfu": analytic_tflops / args.peak_tflops,

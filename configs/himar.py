@@ -66,6 +66,8 @@ def _model(family: str, size: str) -> ml_collections.ConfigDict:
   m.train_encoder_buckets = 1
   # Activation checkpointing of every backbone / DiT block: none | dots (keep matmul outputs) | full.
   m.remat = "none"
+  # One lax.scan per block stack (same params, same result; compiles in a fraction of the time).
+  m.scan_blocks = False
   # Dropout mask bits: threefry (JAX's default hash) or rbg (XLA's RngBitGenerator; cheaper on GPUs).
   m.dropout_rng = "threefry"
   m.cfg_schedule = "linear"

@@ -13,9 +13,10 @@ from himar_jax.nn.transformer import REMAT_POLICIES, call_checkpointed, check_re
 
 
 @functools.lru_cache(maxsize=None)  # the plain run is shared by the tests below (each is one CPU compile)
-def _loss_and_grads(remat: str, buckets: int, dropout: float = 0.1):
+def _loss_and_grads(remat: str, buckets: int, dropout: float = 0.1, scan: bool = False):
   config = get_config("himar_tiny")
   config.model.remat = remat
+  config.model.scan_blocks = scan
   config.model.train_encoder_buckets = buckets  # a 2-way switch in training: its branches are checkpointed too
   config.model.dropout = dropout  # dropout on: the recomputation must reuse the same masks
   model = models.model_fn(config)(nnx.Rngs(0))
@@ -48,6 +49,18 @@ def test_remat_policies_give_the_plain_gradients(remat):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=1e-7)
   # Every parameter but the unused ones gets a gradient, the backbone's included.
   assert sum(float(jnp.abs(g).max()) > 0 for g in flat0) > 0.9 * len(flat0)
+
+
+def test_scanned_blocks_give_the_unrolled_loss_and_gradients():
+  """scan_blocks (one lax.scan per stack, checkpointed with `dots` inside): same loss and gradients as the unrolled
+  plain step, dropout on (the same keys in the same order)."""
+  loss0, grads0 = _loss_and_grads("none", 1)
+  loss1, grads1 = _loss_and_grads("dots", 1, scan=True)
+  np.testing.assert_allclose(loss1, loss0, rtol=1e-6)
+  flat0, flat1 = jax.tree.leaves(grads0), jax.tree.leaves(grads1)
+  assert len(flat0) == len(flat1)
+  for a, b in zip(flat0, flat1):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=1e-7)
 
 
 def test_dropout_is_active_in_training():

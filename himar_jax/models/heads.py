@@ -27,7 +27,7 @@ from flax import nnx
 
 from himar_jax.diffusion import GaussianDiffusion
 from himar_jax.nn.layers import DEFAULT_COMPUTE_DTYPE, Mlp, dense, layer_norm
-from himar_jax.nn.transformer import SelfAttention, call_checkpointed, check_remat
+from himar_jax.nn.transformer import SelfAttention, check_remat, run_blocks
 
 _normal002 = nnx.initializers.normal(0.02)
 _zeros = nnx.initializers.zeros_init()
@@ -188,11 +188,13 @@ class DiTHead(nnx.Module):
 
   def __init__(self, in_channels: int, cond_channels: int, width: int, depth: int, num_heads: int, *,
                rngs: nnx.Rngs, grid_size: int = 16, mlp_ratio: float = 4.0, learn_sigma: bool = False,
-               dtype=DEFAULT_COMPUTE_DTYPE, attention: str | None = None, remat: str = "none"):
+               dtype=DEFAULT_COMPUTE_DTYPE, attention: str | None = None, remat: str = "none",
+               scan_blocks: bool = False):
     self.in_channels = in_channels
     self.out_channels = 2 * in_channels if learn_sigma else in_channels
     self.grid_size = grid_size
     self.remat = check_remat(remat)
+    self.scan_blocks = scan_blocks
     self.width = width
     sincos_pos_embed_2d(width, grid_size)  # validates the width early
     self.x_embedder = dense(in_channels, width, (None, "embed"), rngs=rngs, dtype=dtype)
@@ -216,8 +218,7 @@ class DiTHead(nnx.Module):
       raise ValueError(f"z must be (N, {seq}, Dz) and t (N,) for x {x.shape}; got z {z.shape}, t {t.shape}.")
     h = _f32(self.x_embedder(x)) + self.pos_embed()[None]
     c = self.t_embedder(t)[:, None, :] + _f32(self.c_embedder(z))
-    for block in self.blocks:
-      h = call_checkpointed(block, self.remat, h, c)
+    h = run_blocks(self.blocks, h, self.remat, c, scan=self.scan_blocks)
     return self.final_layer(h, c)
 
 

@@ -33,7 +33,7 @@ from flax import nnx
 from himar_jax.diffusion.gaussian import create_diffusion
 from himar_jax.models import heads
 from himar_jax.nn.layers import dense, embed, layer_norm, with_axes
-from himar_jax.nn.transformer import Block, call_checkpointed, check_remat
+from himar_jax.nn.transformer import Block, call_checkpointed, check_remat, run_blocks
 
 _normal02 = nnx.initializers.normal(0.02)
 
@@ -138,7 +138,7 @@ class MAR(nnx.Module):
                num_sampling_steps: str = "100", noise_schedule: str = "cosine", dtype=jnp.bfloat16,
                num_phases: int = 1, prefix_tokens: int = 0, encoder_buckets: int = 1,
                train_encoder_buckets: int = 1, remat: str = "none", dropout_rng: str = "threefry",
-               rngs: nnx.Rngs):
+               scan_blocks: bool = False, rngs: nnx.Rngs):
     if num_phases not in (1, 2):
       raise ValueError(f"num_phases={num_phases} must be 1 (MAR) or 2 (Hi-MAR).")
     self.num_tokens, self.token_dim, self.num_classes = num_tokens, token_dim, num_classes
@@ -156,6 +156,7 @@ class MAR(nnx.Module):
     # within minutes.
     self.encoder_buckets, self.train_encoder_buckets = encoder_buckets, train_encoder_buckets
     self.remat = check_remat(remat)
+    self.scan_blocks = scan_blocks  # one lax.scan per block stack (nn/transformer.run_blocks): faster compiles
     if dropout_rng not in DROPOUT_RNGS:
       raise ValueError(f"dropout_rng={dropout_rng!r} is not one of {DROPOUT_RNGS}.")
     self.dropout_rng = dropout_rng
@@ -243,8 +244,8 @@ class MAR(nnx.Module):
     x = self.z_proj_ln(jnp.concatenate([buffer, visible], axis=1))
     key_mask = jnp.concatenate([jnp.ones((b, nb), bool), valid], axis=1)
     ada = self._phase_embedding("encoder", phase)
-    for block in self.encoder_blocks:
-      x = call_checkpointed(block, self.remat, x, phase_embedding=ada, phase=phase, key_mask=key_mask, rngs=rngs)
+    x = run_blocks(self.encoder_blocks, x, self.remat, phase_embedding=ada, phase=phase, key_mask=key_mask,
+                   rngs=rngs, scan=self.scan_blocks)
     return self.encoder_norm(x), idx, valid
 
   def visible_capacities(self, fixed: int = 0, buckets: int | None = None) -> tuple[int, ...]:
@@ -297,8 +298,8 @@ class MAR(nnx.Module):
     full = full.at[jnp.arange(b)[:, None], target].set(x[:, nb:])[:, :s]
     x = jnp.concatenate([x[:, :nb], full], axis=1) + self._phase_half(self.decoder_pos_embed, phase, nb + s)
     ada = self._phase_embedding("decoder", phase)
-    for block in self.decoder_blocks:
-      x = call_checkpointed(block, self.remat, x, phase_embedding=ada, phase=phase, rngs=rngs)
+    x = run_blocks(self.decoder_blocks, x, self.remat, phase_embedding=ada, phase=phase, rngs=rngs,
+                   scan=self.scan_blocks)
     x = self.decoder_norm(x)[:, nb:]
     return x + self.diffusion_pos_embed[...]
 
@@ -563,7 +564,7 @@ class HiMAR(MAR):
                                                                                jnp.float32))
     self.dit_head = heads.DiTHead(token_dim, decoder_dim, dit_width, dit_depth, dit_heads, grid_size=grid_size,
                                   mlp_ratio=dit_mlp_ratio, learn_sigma=False, dtype=dtype, remat=self.remat,
-                                  rngs=rngs)
+                                  scan_blocks=self.scan_blocks, rngs=rngs)
 
   # -- inputs ------------------------------------------------------------------------------------------------------
   def _tokens(self, batch):
@@ -845,7 +846,8 @@ def _backbone_kwargs(m) -> dict:
               label_drop_prob=m.label_drop_prob, mask_ratio_min=m.mask_ratio_min,
               diffusion_batch_mul=m.diffusion_batch_mul, num_sampling_steps=m.num_sampling_steps,
               encoder_buckets=m.get("encoder_buckets", 1), train_encoder_buckets=m.get("train_encoder_buckets", 1),
-              remat=m.get("remat", "none"), dropout_rng=m.get("dropout_rng", "threefry"), dtype=_DTYPES[m.dtype])
+              remat=m.get("remat", "none"), dropout_rng=m.get("dropout_rng", "threefry"),
+              scan_blocks=m.get("scan_blocks", False), dtype=_DTYPES[m.dtype])
 
 
 def build(config, rngs: nnx.Rngs) -> MAR:

@@ -60,6 +60,43 @@ def call_checkpointed(module: nnx.Module, policy: str, *args, method=None, rngs:
   return jax.checkpoint(run, policy=REMAT_POLICIES[policy])(state, key, args, arrays)
 
 
+def run_blocks(blocks, x, policy: str, *args, rngs: nnx.Rngs | None = None, scan: bool = False, **kwargs):
+  """x through every block of `blocks` in order, each block call checkpointed with `policy` (call_checkpointed).
+
+  scan=True runs one `lax.scan` over the blocks' states stacked at call time (the parameter tree is unchanged:
+  checkpoints, converters and sharding rules see the same per-block params; the stack is an activation-sized copy
+  of the weights per call). XLA then compiles one block body instead of len(blocks) copies, which is what makes
+  deep stacks compile in a fraction of the time. The same dropout keys are drawn in the same order as unrolled,
+  so both ways give the same result. Blocks of different structure fall back to the unrolled loop.
+  """
+  if not scan or len(blocks) < 2:
+    for block in blocks:
+      x = call_checkpointed(block, policy, x, *args, rngs=rngs, **kwargs)
+    return x
+  check_remat(policy)
+  splits = [nnx.split(block) for block in blocks]
+  graphdef = splits[0][0]
+  if any(g != graphdef for g, _ in splits[1:]):
+    return run_blocks(blocks, x, policy, *args, rngs=rngs, scan=False, **kwargs)
+  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[state for _, state in splits])
+  keys = None if rngs is None else jnp.stack([rngs.dropout() for _ in blocks])  # the unrolled loop's keys
+  arrays = {k: v for k, v in kwargs.items() if isinstance(v, jax.Array)}
+  static = {k: v for k, v in kwargs.items() if k not in arrays}
+
+  def body(x, state, key, args, arrays):
+    extra = {} if key is None else {"rngs": nnx.Rngs(dropout=key)}
+    return nnx.merge(graphdef, state)(x, *args, **arrays, **static, **extra)
+
+  if REMAT_POLICIES[policy] is not None:
+    body = jax.checkpoint(body, policy=REMAT_POLICIES[policy])
+
+  def step(x, per_block):
+    state, key = per_block
+    return body(x, state, key, args, arrays), None
+
+  x, _ = jax.lax.scan(step, x, (stacked, keys))
+  return x
+
 class SelfAttention(nnx.Module):
   """Multi-head self-attention with a fused qkv projection laid out (3, heads, head_dim) as timm's."""
 
