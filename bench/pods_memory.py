@@ -31,6 +31,7 @@ def parse():
   p.add_argument("--fsdp", type=int, default=8)
   p.add_argument("--mock", action="store_true", help="mock a 1 x fsdp x 1 GPU topology (fsdp hosts of one GPU each) on this one GPU")
   p.add_argument("--remat", default=None, help="config.model.remat override (Hi-MAR / MAR)")
+  p.add_argument("--scan_blocks", type=int, default=None, help="config.model.scan_blocks override (Hi-MAR / MAR)")
   p.add_argument("--device_gib", type=float, default=80.0)
   p.add_argument("--reserve_gib", type=float, default=2.0)
   p.add_argument("--out", default=None)
@@ -58,6 +59,8 @@ def main():
   config.mesh.shape = (1, args.fsdp, 1)
   if args.remat is not None:
     config.model.remat = args.remat
+  if args.scan_blocks is not None:
+    config.model.scan_blocks = bool(args.scan_blocks)
   global_batch = args.per_device_batch * args.fsdp
   config.data.global_batch_size = global_batch
   mesh = mesh_lib.make_mesh(config.mesh.shape, devices=jax.devices()[:args.fsdp])
@@ -87,7 +90,7 @@ def main():
       "device": jax.devices()[0].device_kind, "mock_topology": f"1x{args.fsdp}x1" if args.mock else None,
       "jax": jax.__version__, "variant": args.variant, "params": params, "mesh": dict(mesh.shape),
       "per_device_batch": args.per_device_batch, "global_batch": global_batch,
-      "remat": m.get("remat", None), "compile_s": round(compile_s, 1),
+      "remat": m.get("remat", None), "scan_blocks": m.get("scan_blocks", None), "compile_s": round(compile_s, 1),
       "per_device_argument_gib": gib(mem.argument_size_in_bytes),
       "per_device_output_gib": gib(mem.output_size_in_bytes),
       "per_device_alias_gib": gib(mem.alias_size_in_bytes),
