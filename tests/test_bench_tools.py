@@ -37,3 +37,22 @@ def test_summary_sums_device_kernels_per_step_and_kind(tmp_path):
 def test_missing_trace_names_the_folder(tmp_path):
   with pytest.raises(FileNotFoundError, match="jax.profiler.trace"):
     trace_summary.newest_trace(str(tmp_path))
+
+
+def test_scaling_points_see_n_devices_and_speedups_divide_by_one_device():
+  from bench import scaling
+
+  env = scaling.point_env(2, "gpu", base={"PATH": "/bin"})
+  assert env["CUDA_VISIBLE_DEVICES"] == "0,1" and env["PATH"] == "/bin"
+  env = scaling.point_env(4, "cpu", base={"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_dump_to=/x"})
+  assert env["XLA_FLAGS"] == "--xla_dump_to=/x --xla_force_host_platform_device_count=4"
+  assert env["JAX_PLATFORMS"] == "cpu"
+  with pytest.raises(ValueError, match="platform='tpu'"):
+    scaling.point_env(2, "tpu")
+  points = [{"devices": 1, "strategy": "data", "images_per_s": 100.0},
+            {"devices": 2, "strategy": "data", "images_per_s": 190.0},
+            {"devices": 2, "strategy": "fsdp", "images_per_s": 170.0},
+            {"devices": 4, "strategy": "fsdp", "error": "out of memory"}]
+  assert scaling.speedups(points, "data") == {"1": 1.0, "2": 1.9}
+  assert scaling.speedups(points, "fsdp") == {"1": 1.0, "2": 1.7}
+  assert scaling.speedups(points[1:], "data") == {}
