@@ -97,6 +97,35 @@ def test_hmar_both_heads_match_official():
   assert rel_err(mask_logits(labels, x_ns, x_mask), fx["mask_logits"]) < 1e-4
 
 
+@pytest.mark.parametrize("kind", ["var", "hmar"])
+def test_scanned_stacks_give_the_unrolled_loss_and_gradients(kind):
+  """scan_blocks: one lax.scan per stack with each block's drop-path rate as data; the same keys give the same
+  loss and gradients as the unrolled blocks (fixture weights, drop path on and visibly active)."""
+  fx = fixture(f"{kind}_logits.npz")
+  model = loaded(kind, fx)
+  stacks = [model.blocks] if kind == "var" else [model.base_blocks, model.ns_blocks, model.mask_blocks]
+  for stack in stacks:
+    for i, blk in enumerate(stack):
+      blk.drop_path = 0.2 + 0.2 * i
+  batch = {"indices": jnp.asarray(fx["indices"]), "label": jnp.asarray(fx["labels"])}
+
+  def loss_and_grads(scan):
+    model.scan_blocks = scan
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    fn = lambda p: nnx.merge(graphdef, p, rest).train_loss(batch, key=jax.random.key(5))[0]
+    return jax.jit(jax.value_and_grad(fn))(params)
+
+  loss0, grads0 = loss_and_grads(False)
+  loss1, grads1 = loss_and_grads(True)
+  np.testing.assert_allclose(float(loss1), float(loss0), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads0), jax.tree.leaves(grads1)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-7)
+  for stack in stacks:
+    for blk in stack:
+      blk.drop_path = 0.0
+  assert abs(float(loss_and_grads(True)[0]) - float(loss0)) > 1e-6  # the rates above did drop paths
+
+
 # ---- losses -----------------------------------------------------------------------------------------------------
 def test_normal_pdf_scale_shares():
   shares = ns.normal_pdf_weights(tuple(range(1, 17)))

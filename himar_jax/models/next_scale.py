@@ -92,9 +92,10 @@ def token_weights(patch_nums: Sequence[int], weighting: str) -> np.ndarray:
   raise ValueError(f"loss weighting {weighting!r} is not one of {LOSS_WEIGHTINGS}.")
 
 
-def _drop_path(x, rate: float, key):
-  """Stochastic depth per sample (timm DropPath, scale by keep); identity without a key or at rate 0."""
-  if key is None or rate <= 0.0:
+def _drop_path(x, rate, key):
+  """Stochastic depth per sample (timm DropPath, scale by keep); identity without a key or at rate 0. `rate` may
+  be traced (scanned stacks): at 0 every sample is kept and scaled by 1, the same values."""
+  if key is None or (isinstance(rate, (int, float)) and rate <= 0.0):
     return x
   keep = jax.random.bernoulli(key, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
   return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
@@ -166,17 +167,19 @@ class AdaLNBlock(nnx.Module):
   def _pre(self, x, scale, shift):
     return (self.ln(x.astype(jnp.float32)) * (1.0 + scale) + shift).astype(self.ada_lin.dtype)
 
-  def _ffn(self, x, gamma2, scale2, shift2, key):
+  def _ffn(self, x, gamma2, scale2, shift2, key, rate=None):
     h = self.ffn(self._pre(x, scale2, shift2)).astype(jnp.float32) * gamma2
-    return x + _drop_path(h, self.drop_path, key)
+    return x + _drop_path(h, self.drop_path if rate is None else rate, key)
 
-  def __call__(self, x, cond, *, layout: ScaleLayout | None = None, key=None):
-    """x (B, L, C) float32 residual stream; `key` enables drop path (training)."""
+  def __call__(self, x, cond, *, layout: ScaleLayout | None = None, key=None, drop_path=None):
+    """x (B, L, C) float32 residual stream; `key` enables drop path (training) at this block's rate, or at
+    `drop_path` when given (a scanned stack passes each block's rate as data)."""
+    rate = self.drop_path if drop_path is None else drop_path
     g1, g2, s1, s2, b1, b2 = self.modulation(cond)
     k1, k2 = (None, None) if key is None else jax.random.split(key)
     q, k, v = self.attn.qkv(self._pre(x, s1, b1))
-    x = x + _drop_path(self.attn.attend(q, k, v, layout=layout).astype(jnp.float32) * g1, self.drop_path, k1)
-    return self._ffn(x, g2, s2, b2, k2)
+    x = x + _drop_path(self.attn.attend(q, k, v, layout=layout).astype(jnp.float32) * g1, rate, k1)
+    return self._ffn(x, g2, s2, b2, k2, rate)
 
   def cached(self, x, cond, cache, offset: int):
     """One scale of KV-cached inference: x (B, l, C) at positions [offset, offset + l); cache (k, v) each
@@ -274,7 +277,7 @@ class NextScaleTransformer(nnx.Module):
                drop_path_rate: float = 0.0, n_layers_train: int = 8, init_adaln: float = 0.5,
                init_adaln_gamma: float = 1e-5, init_head: float = 0.02, loss_weighting: str = "uniform",
                label_smoothing: float = 0.0, stage: int = 1, dtype=DEFAULT_COMPUTE_DTYPE,
-               attention_implementation: str | None = None):
+               attention_implementation: str | None = None, scan_blocks: bool = False):
     if kind not in KINDS:
       raise ValueError(f"kind={kind!r} is not one of {KINDS}.")
     if kind == "hmar" and not 0 < n_layers_train <= depth:
@@ -289,6 +292,7 @@ class NextScaleTransformer(nnx.Module):
     token_weights(self.scales.patch_nums, loss_weighting)  # validates the name
     self.layout = ScaleLayout(self.scales.sizes, "block_causal" if kind == "var" else "block_diagonal")
     self.dtype = dtype
+    self.scan_blocks = scan_blocks  # one lax.scan per block stack in teacher-forced passes (faster compiles)
     std = math.sqrt(1.0 / width / 3.0)
     c, z, first_l = width, vq_config.z_channels, self.scales.sizes[0]
     self.vq = freeze_quantizer(ResidualQuantizer(vq_config, rngs=rngs))
@@ -364,9 +368,22 @@ class NextScaleTransformer(nnx.Module):
 
   # ---- forward ---------------------------------------------------------------------------------------------
   def _run(self, blocks, x, cond, *, layout, key):
-    keys = [None] * len(blocks) if key is None else list(jax.random.split(key, len(blocks)))
-    for blk, k in zip(blocks, keys):
-      x = blk(x, cond, layout=layout, key=k)
+    keys = None if key is None else jax.random.split(key, len(blocks))
+    if not self.scan_blocks or len(blocks) < 2:
+      for i, blk in enumerate(blocks):
+        x = blk(x, cond, layout=layout, key=None if keys is None else keys[i])
+      return x
+    # One lax.scan over the blocks' states stacked at call time. The blocks differ only in their static drop-path
+    # rate, so block 0's graph is used and each block's rate travels as data; same keys, same result.
+    graphdef = nnx.split(blocks[0])[0]
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[nnx.split(blk)[1] for blk in blocks])
+    rates = jnp.asarray([blk.drop_path for blk in blocks], jnp.float32)
+
+    def step(x, per_block):
+      state, rate, k = per_block
+      return nnx.merge(graphdef, state)(x, cond, layout=layout, key=k, drop_path=rate), None
+
+    x, _ = jax.lax.scan(step, x, (stacked, rates, keys))
     return x
 
   def logits(self, labels, x_in, *, drop=None, key=None, branch: str = "ns", word=None):
@@ -727,7 +744,7 @@ def build(config, rngs: nnx.Rngs) -> NextScaleTransformer:
       drop_path_rate=m.drop_path_rate, n_layers_train=m.get("n_layers_train", 8), init_adaln=m.init_adaln,
       init_adaln_gamma=m.init_adaln_gamma, init_head=m.init_head, loss_weighting=m.loss_weighting,
       label_smoothing=m.label_smoothing, stage=m.get("stage", 1), dtype=_DTYPES[m.dtype],
-      attention_implementation=m.get("attention_implementation", None))
+      attention_implementation=m.get("attention_implementation", None), scan_blocks=m.get("scan_blocks", False))
   if m.get("tokenizer", ""):
     from himar_jax.convert import next_scale as convert_next_scale  # lazy: the converter imports this module
     convert_next_scale.load_tokenizer_arrays(model, convert_next_scale.read_tokenizer(m.tokenizer))
