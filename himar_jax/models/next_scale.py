@@ -37,6 +37,7 @@ from flax import nnx
 from himar_jax.kernels.layout import ScaleLayout
 from himar_jax.nn.attention import dot_product_attention
 from himar_jax.nn.layers import DEFAULT_COMPUTE_DTYPE, Mlp, dense, layer_norm, with_axes
+from himar_jax.nn.transformer import stack_states
 from himar_jax.tokenizers import resize
 from himar_jax.tokenizers.vq_pyramid import ResidualQuantizer, VQPyramidConfig
 
@@ -375,8 +376,7 @@ class NextScaleTransformer(nnx.Module):
       return x
     # One lax.scan over the blocks' states stacked at call time. The blocks differ only in their static drop-path
     # rate, so block 0's graph is used and each block's rate travels as data; same keys, same result.
-    graphdef = nnx.split(blocks[0])[0]
-    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[nnx.split(blk)[1] for blk in blocks])
+    graphdef, stacked = stack_states(blocks, same_graph=False)
     rates = jnp.asarray([blk.drop_path for blk in blocks], jnp.float32)
 
     def step(x, per_block):

@@ -60,6 +60,17 @@ def call_checkpointed(module: nnx.Module, policy: str, *args, method=None, rngs:
   return jax.checkpoint(run, policy=REMAT_POLICIES[policy])(state, key, args, arrays)
 
 
+def stack_states(blocks, *, same_graph: bool = True):
+  """(graph of blocks[0], the blocks' states stacked on a new leading axis): the xs of a lax.scan over a block
+  stack. None when the blocks' graphs differ (static attributes) and same_graph is set; callers that pass the
+  differing attributes as data themselves use same_graph=False (the states must still share one structure)."""
+  splits = [nnx.split(block) for block in blocks]
+  graphdef = splits[0][0]
+  if same_graph and any(g != graphdef for g, _ in splits[1:]):
+    return None
+  return graphdef, jax.tree.map(lambda *leaves: jnp.stack(leaves), *[state for _, state in splits])
+
+
 def run_blocks(blocks, x, policy: str, *args, rngs: nnx.Rngs | None = None, scan: bool = False, **kwargs):
   """x through every block of `blocks` in order, each block call checkpointed with `policy` (call_checkpointed).
 
@@ -74,11 +85,10 @@ def run_blocks(blocks, x, policy: str, *args, rngs: nnx.Rngs | None = None, scan
       x = call_checkpointed(block, policy, x, *args, rngs=rngs, **kwargs)
     return x
   check_remat(policy)
-  splits = [nnx.split(block) for block in blocks]
-  graphdef = splits[0][0]
-  if any(g != graphdef for g, _ in splits[1:]):
+  stacked = stack_states(blocks)
+  if stacked is None:
     return run_blocks(blocks, x, policy, *args, rngs=rngs, scan=False, **kwargs)
-  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[state for _, state in splits])
+  graphdef, stacked = stacked
   keys = None if rngs is None else jnp.stack([rngs.dropout() for _ in blocks])  # the unrolled loop's keys
   arrays = {k: v for k, v in kwargs.items() if isinstance(v, jax.Array)}
   static = {k: v for k, v in kwargs.items() if k not in arrays}
