@@ -24,22 +24,22 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def parse():
+def parse(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--variant", default="himar:himar_h", help="<configs module>:<variant>, e.g. next_scale:hmar_d30")
   p.add_argument("--per_device_batch", type=int, default=64)
   p.add_argument("--fsdp", type=int, default=8)
   p.add_argument("--mock", action="store_true", help="mock a 1 x fsdp x 1 GPU topology (fsdp hosts of one GPU each) on this one GPU")
   p.add_argument("--remat", default=None, help="config.model.remat override (Hi-MAR / MAR)")
-  p.add_argument("--scan_blocks", type=int, default=None, help="config.model.scan_blocks override (Hi-MAR / MAR)")
+  p.add_argument("--scan_blocks", type=int, default=None, help="config.model.scan_blocks override (0 | 1)")
   p.add_argument("--device_gib", type=float, default=80.0)
   p.add_argument("--reserve_gib", type=float, default=2.0)
   p.add_argument("--out", default=None)
-  return p.parse_args()
+  return p.parse_args(argv)
 
 
-def main():
-  args = parse()
+def main(argv=None):
+  args = parse(argv)
   import jax
   if args.mock:
     jax.config.update("jax_mock_gpu_topology", f"1x{args.fsdp}x1")
@@ -86,7 +86,7 @@ def main():
   total = gib(mem.argument_size_in_bytes + mem.temp_size_in_bytes) + args.reserve_gib
   params = count_params(setup.abstract_state.params)
   result = {
-      "command": "PYTHONPATH=. python " + " ".join(sys.argv),
+      "command": "PYTHONPATH=. python bench/pods_memory.py " + " ".join(sys.argv[1:] if argv is None else argv),
       "device": jax.devices()[0].device_kind, "mock_topology": f"1x{args.fsdp}x1" if args.mock else None,
       "jax": jax.__version__, "variant": args.variant, "params": params, "mesh": dict(mesh.shape),
       "per_device_batch": args.per_device_batch, "global_batch": global_batch,
@@ -100,6 +100,7 @@ def main():
       "fits": total <= args.device_gib,
   }
   report(result, args.out)
+  return result
 
 
 if __name__ == "__main__":

@@ -56,3 +56,19 @@ def test_scaling_points_see_n_devices_and_speedups_divide_by_one_device():
   assert scaling.speedups(points, "data") == {"1": 1.0, "2": 1.9}
   assert scaling.speedups(points, "fsdp") == {"1": 1.0, "2": 1.7}
   assert scaling.speedups(points[1:], "data") == {}
+
+
+def test_pods_memory_shards_the_training_state_over_fsdp():
+  """bench/pods_memory.py on the 8 fake CPU devices: the compiled step's per-device arguments hold about 1/8 of
+  the float32 state (params, EMA, two Adam moments), and the report adds them up."""
+  from bench import pods_memory
+
+  r = pods_memory.main(["--variant=himar:himar_tiny", "--per_device_batch=1", "--fsdp=8", "--scan_blocks=1",
+                        "--remat=dots"])
+  assert r["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and r["global_batch"] == 8
+  state_gib = r["params"] * 16 / 2 ** 30
+  assert r["state_gib_unsharded"] == pytest.approx(state_gib)
+  # Small arrays (norm scales, biases below the sharding threshold) stay replicated: between 1/8 and 1/4.
+  assert state_gib / 8 <= r["per_device_argument_gib"] < state_gib / 4, (r["per_device_argument_gib"], state_gib)
+  assert r["per_device_total_gib"] == pytest.approx(r["per_device_argument_gib"] + r["per_device_temp_gib"] + 2.0)
+  assert r["fits"] and r["scan_blocks"] is True
