@@ -341,5 +341,5 @@ def dit_head_sample(head: DiTHead, diffusion: GaussianDiffusion, z, *, known, pr
   x_init, loop_key = _start(shape, key, noise, step_noise, noiseless=method == "ddim")
   if method == "ddim":  # noiseless: no per-step noise is drawn or read
     return diffusion.ddim_sample_loop(model_fn, x_init, known=known, predict_mask=predict_mask)
-  return diffusion.sample_loop(model_fn, x_init, method=method, key=loop_key, step_noise=step_noise,
-                               temperature=temperature, known=known, predict_mask=predict_mask)
+  return diffusion.p_sample_loop(model_fn, x_init, key=loop_key, step_noise=step_noise, temperature=temperature,
+                                 known=known, predict_mask=predict_mask)

@@ -753,8 +753,7 @@ class HiMAR(MAR):
         x_init, steps = noise["dense_init"][k], noise["dense_steps"][k]
       new = heads.dit_head_sample(self.dit_head, dit_diffusion, z, known=dense, predict_mask=mask,
                                   cfg_scale=dense_sched.scale(k) if cfg2 else None, temperature=temperature,
-                                  noise=x_init, step_noise=None if dit_sampling_method == "ddim" else steps,
-                                  method=dit_sampling_method)
+                                  noise=x_init, step_noise=steps, method=dit_sampling_method)
       return jnp.where(mask[..., None], new, dense)
 
     dense = jax.lax.fori_loop(0, num_iter, dense_body, init_dense)

@@ -32,6 +32,13 @@ def check_remat(policy: str) -> str:
   return policy
 
 
+def _split_kwargs(kwargs: dict) -> tuple[dict, dict]:
+  """(array keyword arguments, the rest): arrays are passed into jax.checkpoint / lax.scan bodies explicitly,
+  the rest (phase indices, flags) stay static."""
+  arrays = {k: v for k, v in kwargs.items() if isinstance(v, jax.Array)}
+  return arrays, {k: v for k, v in kwargs.items() if k not in arrays}
+
+
 def call_checkpointed(module: nnx.Module, policy: str, *args, method=None, rngs: nnx.Rngs | None = None,
                       **kwargs):
   """module(*args, rngs=rngs, **kwargs) (or method(module, ...)) with the backward pass keeping only what
@@ -49,8 +56,7 @@ def call_checkpointed(module: nnx.Module, policy: str, *args, method=None, rngs:
     return call(module, *args, **kwargs) if key is None else call(module, *args, rngs=nnx.Rngs(dropout=key),
                                                                    **kwargs)
   graphdef, state = nnx.split(module)
-  arrays = {k: v for k, v in kwargs.items() if isinstance(v, jax.Array)}
-  static = {k: v for k, v in kwargs.items() if k not in arrays}
+  arrays, static = _split_kwargs(kwargs)
 
   def run(state, key, args, arrays):
     inner = nnx.merge(graphdef, state)
@@ -90,8 +96,7 @@ def run_blocks(blocks, x, policy: str, *args, rngs: nnx.Rngs | None = None, scan
     return run_blocks(blocks, x, policy, *args, rngs=rngs, scan=False, **kwargs)
   graphdef, stacked = stacked
   keys = None if rngs is None else jnp.stack([rngs.dropout() for _ in blocks])  # the unrolled loop's keys
-  arrays = {k: v for k, v in kwargs.items() if isinstance(v, jax.Array)}
-  static = {k: v for k, v in kwargs.items() if k not in arrays}
+  arrays, static = _split_kwargs(kwargs)
 
   def body(x, state, key, args, arrays):
     extra = {} if key is None else {"rngs": nnx.Rngs(dropout=key)}
@@ -106,6 +111,7 @@ def run_blocks(blocks, x, policy: str, *args, rngs: nnx.Rngs | None = None, scan
 
   x, _ = jax.lax.scan(step, x, (stacked, keys))
   return x
+
 
 class SelfAttention(nnx.Module):
   """Multi-head self-attention with a fused qkv projection laid out (3, heads, head_dim) as timm's."""
