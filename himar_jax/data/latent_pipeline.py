@@ -43,6 +43,9 @@ class LatentCacheSource:
         raise lc.CacheError(f"latent cache shard {k}: {problem}; rerun `cache-latents` with the same config to "
                             "rewrite it.")
       paths.append(os.path.join(directory, lc.shard_name(k, n)))
+    # The record layout as one packed numpy structured dtype: decoding a record is one frombuffer plus a view per
+    # field (the same bytes lc.decode_record reads, without its per-field size arithmetic on every record).
+    self._record_dtype = np.dtype([(f.name, f.dtype, f.shape) for f in self.fields])
     self._records = grain.sources.ArrayRecordDataSource(paths)
     if len(self._records) != self.metadata["count"]:
       raise lc.CacheError(f"latent cache {directory!r} holds {len(self._records)} records, metadata.json says "
@@ -60,7 +63,11 @@ class LatentCacheSource:
     return len(self._records)
 
   def __getitem__(self, index: int) -> dict:
-    return lc.decode_record(self._records[index], self.fields)
+    data = self._records[index]
+    if len(data) != self._record_dtype.itemsize:
+      return lc.decode_record(data, self.fields)  # raises CacheError naming both sizes
+    record = np.frombuffer(data, self._record_dtype).reshape(())
+    return {name: record[name] for name in self._record_dtype.names}
 
 
 def sample_posterior(moments: np.ndarray, noise: np.ndarray) -> np.ndarray:
@@ -69,19 +76,42 @@ def sample_posterior(moments: np.ndarray, noise: np.ndarray) -> np.ndarray:
   return mean + np.exp(0.5 * np.clip(logvar, LOGVAR_MIN, LOGVAR_MAX)) * noise
 
 
-def kl_transform(scale_factor: float, random_flip: bool = True):
-  """record, rng -> {latent, latent_small, label, index}: flip with probability 1/2 (both resolutions alike),
-  then a posterior sample of each, times the scale factor."""
+def kl_draws(random_flip: bool = True):
+  """record, rng -> {moments, small_moments, noise, noise_small, label, index}: the per-record random part of
+  `kl_transform` (the flip, the same for both resolutions, then the posterior noise of each), with no arithmetic,
+  so that `kl_finish` can sample whole batches at once."""
 
-  def transform(record: dict, rng: np.random.Generator) -> dict:
+  def draws(record: dict, rng: np.random.Generator) -> dict:
     flip = random_flip and rng.random() < 0.5
     suffix = "_flip" if flip else ""
     big, small = record["moments" + suffix], record["small_moments" + suffix]
-    noise_big = rng.standard_normal(big.shape[:-1] + (big.shape[-1] // 2,), dtype=np.float32)
-    noise_small = rng.standard_normal(small.shape[:-1] + (small.shape[-1] // 2,), dtype=np.float32)
-    return {"latent": sample_posterior(big, noise_big) * np.float32(scale_factor),
-            "latent_small": sample_posterior(small, noise_small) * np.float32(scale_factor),
+    return {"moments": big, "small_moments": small,
+            "noise": rng.standard_normal(big.shape[:-1] + (big.shape[-1] // 2,), dtype=np.float32),
+            "noise_small": rng.standard_normal(small.shape[:-1] + (small.shape[-1] // 2,), dtype=np.float32),
             "label": np.int32(record["label"]), "index": np.int32(record["index"])}
+
+  return draws
+
+
+def kl_finish(scale_factor: float):
+  """`kl_draws` output (one record or a batch of them) -> {latent, latent_small, label, index}: the posterior
+  samples times the scale factor. Elementwise, so a batch gives exactly the per-record results stacked."""
+
+  def finish(drawn: dict) -> dict:
+    return {"latent": sample_posterior(drawn["moments"], drawn["noise"]) * np.float32(scale_factor),
+            "latent_small": sample_posterior(drawn["small_moments"], drawn["noise_small"]) * np.float32(scale_factor),
+            "label": drawn["label"], "index": drawn["index"]}
+
+  return finish
+
+
+def kl_transform(scale_factor: float, random_flip: bool = True):
+  """record, rng -> {latent, latent_small, label, index}: flip with probability 1/2 (both resolutions alike),
+  then a posterior sample of each, times the scale factor (`kl_draws` then `kl_finish` on one record)."""
+  draws, finish = kl_draws(random_flip), kl_finish(scale_factor)
+
+  def transform(record: dict, rng: np.random.Generator) -> dict:
+    return finish(draws(record, rng))
 
   return transform
 
@@ -109,12 +139,13 @@ def make_latent_iterator(cache_dir: str, *, global_batch_size: int, seed: int, r
                          process_count: int | None = None):
   """An endless, checkpointable iterator of this process's share of each global batch from a latent cache."""
   source = LatentCacheSource(cache_dir, tokenizer_dir=tokenizer_dir)
-  if source.kind == "kl_vae":
-    transform = kl_transform(source.scale_factor, random_flip)
+  if source.kind == "kl_vae":  # per record only the draws; the posterior arithmetic runs once per batch
+    transform, batch_transform = kl_draws(random_flip), kl_finish(source.scale_factor)
   else:
-    transform = vq_transform(random_flip)
+    transform, batch_transform = vq_transform(random_flip), None
   return make_iterator(source, global_batch_size=global_batch_size, seed=seed, transform=transform,
-                       process_index=process_index, process_count=process_count, num_workers=num_workers)
+                       batch_transform=batch_transform, process_index=process_index, process_count=process_count,
+                       num_workers=num_workers)
 
 
 def check_token_cache(metadata: dict, *, patch_nums, vocab_size: int, where: str) -> None:

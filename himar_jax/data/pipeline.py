@@ -36,13 +36,15 @@ def local_batch_size(global_batch_size: int, process_count: int | None = None) -
 
 def make_iterator(source, *, global_batch_size: int, seed: int,
                   transform: Callable[[dict, np.random.Generator], dict] | None = None,
+                  batch_transform: Callable[[dict], dict] | None = None,
                   process_index: int | None = None, process_count: int | None = None,
                   num_workers: int = 0) -> grain.DatasetIterator:
   """An endless iterator of this process's share of each global batch (numpy dicts).
 
   Records are sharded by process first (`[i::n]`), then shuffled with a seed that reshuffles every epoch, then
   transformed with a per-record generator derived from (seed, position), so the stream is a pure function of
-  (seed, step) and the iterator state restores it exactly.
+  (seed, step) and the iterator state restores it exactly. `batch_transform` (deterministic) maps each stacked
+  batch: vectorised work that would otherwise run once per record (e.g. latent_pipeline.kl_finish).
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
@@ -54,6 +56,8 @@ def make_iterator(source, *, global_batch_size: int, seed: int,
   if transform is not None:
     ds = ds.random_map(transform)
   ds = ds.batch(batch, drop_remainder=True)
+  if batch_transform is not None:
+    ds = ds.map(batch_transform)
   threads = max(num_workers, 1)  # grain warns when its prefetch buffer is smaller than its thread count
   iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(2, threads)))
   if num_workers > 0:

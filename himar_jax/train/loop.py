@@ -10,8 +10,9 @@ import signal
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-from clu import metric_writers, metrics as clu_metrics, periodic_actions
+from clu import metric_writers, periodic_actions
 from tqdm.auto import tqdm
 
 from himar_jax import config_lib, data, models
@@ -47,8 +48,47 @@ def _sigterm_flag():
       signal.signal(signal.SIGTERM, previous)
 
 
-def _metrics_collection(names):
-  return clu_metrics.Collection.create(**{n: clu_metrics.Average.from_output(n) for n in sorted(names)})
+@jax.jit
+def _metric_sums(metrics):
+  return {k: jnp.sum(v) for k, v in metrics.items()}
+
+
+@jax.jit
+def _add_metric_sums(totals, metrics):
+  return {k: totals[k] + jnp.sum(v) for k, v in metrics.items()}
+
+
+class MetricAverages:
+  """Averages of the step metrics since the last `pop`, as CLU's `metrics.Average` computes them, bit for bit:
+  running sums in the metric's dtype (first step: its value; then + each step's, in order) over the count of
+  values. Its `single_from_model_output` + `merge` are a dozen eager ops per metric per step, which bounded the
+  loop's step rate; here each step is one jitted call and each `pop` one host transfer."""
+
+  def __init__(self):
+    self.totals, self.counts = None, None
+
+  def add(self, metrics: dict) -> None:
+    if self.totals is None:
+      self.totals, self.counts = _metric_sums(metrics), {k: 0 for k in metrics}
+    else:
+      self.totals = _add_metric_sums(self.totals, metrics)
+    for k, v in metrics.items():
+      self.counts[k] += int(np.size(v))
+
+  def pop(self) -> dict[str, float]:
+    """{name: average} since the last pop (then reset); {} when nothing was added."""
+    if self.totals is None:
+      return {}
+    totals = jax.device_get(self.totals)
+    averages = {k: _average(totals[k], self.counts[k]) for k in sorted(totals)}
+    self.totals, self.counts = None, None
+    return averages
+
+
+def _average(total: np.ndarray, count: int) -> float:
+  """total / count with jnp's promotion (CLU's Average.compute): the total's float dtype, or float32 for ints."""
+  dtype = total.dtype if jnp.issubdtype(total.dtype, jnp.floating) else np.float32  # bfloat16 included
+  return float(np.asarray(total, dtype) / np.asarray(count, dtype))
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -119,7 +159,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> TrainState:
 
   end = num_steps if stop_after is None else min(num_steps, start + stop_after)
   log_every, ckpt_every = int(config.train.log_every), int(config.train.checkpoint_every)
-  collection, accumulated = None, None
+  averages = MetricAverages()
   last_good = ckpt.latest_step()
 
   def check_finite(step):
@@ -141,20 +181,17 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> TrainState:
       batch = sharding_lib.shard_batch(next(data_iter), mesh)
       state, metrics = step_fn(state, batch)
       step += 1
-      if collection is None:
-        collection = _metrics_collection(metrics.keys())
-      update = collection.single_from_model_output(**metrics)
-      accumulated = update if accumulated is None else accumulated.merge(update)
+      averages.add(metrics)
       for hook in hooks:
         hook(step)
       progress.update(1)
       if step % log_every == 0 or step == end:
         check_finite(step)
-        summary = {f"train/{k}": float(v) for k, v in accumulated.compute().items()}
+        summary = {f"train/{k}": v for k, v in averages.pop().items()}
         summary["train/steps_per_sec"] = log_every / max(time.time() - t0, 1e-9)
         writer.write_scalars(step, summary)
         progress.set_postfix(loss=f"{summary['train/loss']:.4f}")
-        accumulated, t0 = None, time.time()
+        t0 = time.time()
       if step % ckpt_every == 0 or step == end or sigterm["set"]:
         check_finite(step)
         ckpt.save(step, state, data_iter, force=True)
