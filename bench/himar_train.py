@@ -110,6 +110,9 @@ def main():
         state, metrics = compiled(state, batch)
       jax.block_until_ready(state)
     summary = trace_summary.summarize(trace_summary.newest_trace(args.profile), steps=3)
+    dump = trace_summary.hlo_dump_of("jit_step_fn")  # when XLA_FLAGS has --xla_dump_to
+    if dump:
+      trace_summary.annotate(summary, trace_summary.read_text(dump))
     trace_summary.print_summary(summary, file=sys.stderr)
     with open(os.path.join(args.profile, "summary.json"), "w") as f:
       json.dump(summary, f, indent=1)

@@ -28,6 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def point_env(n: int, platform: str, base: dict | None = None) -> dict:
   """The environment of a process that sees exactly the first n devices of `platform` (gpu | cpu)."""
   env = dict(os.environ if base is None else base)
+  env.pop("XLA_PYTHON_CLIENT_PREALLOCATE", None)  # set only for this parent's device probe
   if platform == "gpu":
     env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(n))
   elif platform == "cpu":
@@ -55,7 +56,11 @@ def run_point(args, n: int, strategy: str, platform: str) -> dict:
            f"--batch={n * args.per_device_batch}", f"--mesh={MESHES[strategy]}", f"--steps={args.steps}",
            f"--warmup={args.warmup}", f"--out={out}", *args.extra]
     print(f"[bench/scaling] {n} device(s), {strategy}: {' '.join(cmd[1:])}", flush=True)
-    proc = subprocess.run(cmd, env=point_env(n, platform), capture_output=True, text=True)
+    try:
+      proc = subprocess.run(cmd, env=point_env(n, platform), capture_output=True, text=True,
+                            timeout=args.point_timeout or None)
+    except subprocess.TimeoutExpired:
+      return {"devices": n, "strategy": strategy, "error": f"timed out after --point_timeout={args.point_timeout} s"}
     if proc.returncode != 0 or not os.path.exists(out):
       return {"devices": n, "strategy": strategy, "error": (proc.stderr or proc.stdout)[-2000:]}
     with open(out) as f:
@@ -75,6 +80,8 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--platform", default=None, help="gpu | cpu (default: JAX's default backend)")
+  p.add_argument("--point_timeout", type=float, default=0, help="seconds per point (0: none); a point that "
+                 "runs longer is recorded as an error and the next one starts")
   p.add_argument("--out", default=None)
   args, extra = p.parse_known_args(argv)
   args.extra = extra  # passed through to himar_train.py, e.g. --remat=dots --scan_blocks=1
@@ -87,24 +94,26 @@ def main(argv=None):
     raise SystemExit(f"--devices={args.devices!r} must include 1 (the baseline of the speedups).")
   platform = args.platform
   if platform is None:
+    # The probe must not keep GPU memory from the points' processes (JAX preallocates 75% by default).
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     import jax
     platform = jax.default_backend()
     available = jax.device_count()
     if platform == "gpu" and counts[-1] > available:
       raise SystemExit(f"--devices={args.devices!r} asks for {counts[-1]} GPUs; this machine has {available}.")
   points = []
+  command = "PYTHONPATH=. python bench/scaling.py " + " ".join(argv if argv is not None else sys.argv[1:])
   for n in counts:
     for strategy in (strategies[:1] if n == 1 else strategies):
       points.append(run_point(args, n, strategy, platform))
       print(json.dumps(points[-1]), flush=True)
-  report = {"command": "PYTHONPATH=. python bench/scaling.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "variant": args.variant, "per_device_batch": args.per_device_batch, "points": points,
-            "speedup": {s: speedups(points, s) for s in strategies}}
+      report = {"command": command, "variant": args.variant, "per_device_batch": args.per_device_batch,
+                "points": points, "speedup": {s: speedups(points, s) for s in strategies}}
+      if args.out:  # after every point, so a run stopped at its time limit keeps what it measured
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+          json.dump(report, f, indent=2)
   print(json.dumps(report["speedup"], indent=1))
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(report, f, indent=2)
   return 0
 
 

@@ -1,12 +1,16 @@
 """Where a profiled program spends its device time: kernels of a jax.profiler trace, summed by name and by kind.
 
-  python bench/trace_summary.py TRACE_DIR [--top=40] [--steps=N] [--out=summary.json]
+  python bench/trace_summary.py TRACE_DIR [--top=40] [--steps=N] [--hlo=DUMP.txt[.gz]] [--out=summary.json]
 
 TRACE_DIR is the log_dir given to `jax.profiler.trace` (the newest `plugins/profile/*/*.trace.json.gz` under it is
 read). Events on device processes (name containing "/device:") are summed per kernel name; kinds are matmul
 (cuBLAS / CUTLASS gemm kernels), attention (cuDNN / flash kernels), and XLA fusions split by what they are named
 after (loop / input (reductions) / transpose / ...). --steps divides the totals into per-step milliseconds. Needs
 only the standard library, so it runs on the GPU machine as is.
+
+--hlo names the program's optimised HLO text (XLA_FLAGS=--xla_dump_to=DIR: the `*after_optimizations.txt` of the
+jitted function): each top kernel that is an XLA fusion then gets the shapes it writes and the JAX operation it
+came from (the fusion's op_name metadata), which says which line of the model a kernel belongs to.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import argparse
 import collections
 import gzip
 import json
+import os
 import pathlib
 import re
 import sys
@@ -80,6 +85,83 @@ def summarize(trace_path, *, device_filter: str = "/device:", steps: int = 1, to
   }
 
 
+_FUSION_LINE = re.compile(r"^\s*%([\w.\-]+) = (.*?) fusion\(.*?metadata=\{op_name=\"([^\"]*)\"(.*)$")
+_TABLE_ROW = re.compile(r'^(\d+) (?:"(.*)"|\{(.*)\})$')
+
+
+def _source_frames(hlo_text: str):
+  """stack_frame_id -> ["file:line (function)", ...] innermost first, from the dump's FileNames / FunctionNames /
+  FileLocations / StackFrames tables (the walk stops where a frame is its own parent, as at a scan body's root)."""
+  tables: dict[str, dict[int, str]] = {}
+  current = None
+  for line in hlo_text.splitlines():
+    if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+      current = tables.setdefault(line, {})
+      continue
+    m = _TABLE_ROW.match(line) if current is not None else None
+    if m:
+      current[int(m.group(1))] = m.group(2) if m.group(2) is not None else m.group(3)
+    elif current is not None and line.strip():
+      current = None
+  field = lambda row, key: int(re.search(key + r"=(\d+)", row).group(1))
+  files, funcs = tables.get("FileNames", {}), tables.get("FunctionNames", {})
+  locs, frames = tables.get("FileLocations", {}), tables.get("StackFrames", {})
+
+  def where(frame_id: int) -> list[str]:
+    out, seen = [], set()
+    while frame_id in frames and frame_id not in seen:
+      seen.add(frame_id)
+      row = frames[frame_id]
+      loc = locs.get(field(row, "file_location_id"), "")
+      if loc:
+        path = files.get(field(loc, "file_name_id"), "?")
+        out.append(f"{'/'.join(path.split('/')[-2:])}:{field(loc, 'line')} ({funcs.get(field(loc, 'function_name_id'), '?')})")
+      frame_id = field(row, "parent_frame_id")
+    return out
+  return where
+
+
+def fusion_origins(hlo_text: str) -> dict[str, dict]:
+  """{kernel name: {"writes": result shape(s), "op_name": JAX op path, "source": its Python frames}} for every
+  fusion instruction of an HLO
+  dump. A kernel is named after its fusion with '.' turned into '_' (`input_add_reduce_fusion.37` runs as
+  `input_add_reduce_fusion_37`); XLA's own rematerialised copies (`.remat`, `.remat2`) run under the same name."""
+  origins = {}
+  where = _source_frames(hlo_text)
+  for line in hlo_text.splitlines():
+    m = _FUSION_LINE.match(line)
+    if m:
+      name = re.sub(r"\.remat\d*$", "", m.group(1)).replace(".", "_")
+      frame = re.search(r"stack_frame_id=(\d+)", m.group(4))
+      origins.setdefault(name, {"writes": m.group(2)[:200], "op_name": m.group(3),
+                                "source": where(int(frame.group(1)))[:4] if frame else []})
+  return origins
+
+
+def annotate(summary: dict, hlo_text: str) -> dict:
+  """summary with "writes" / "op_name" added to each top kernel found among the HLO text's fusions."""
+  origins = fusion_origins(hlo_text)
+  for k in summary["top_kernels"]:
+    k.update(origins.get(k["name"], {}))
+  return summary
+
+
+def hlo_dump_of(module: str, xla_flags: str | None = None) -> str | None:
+  """The optimised HLO text file XLA dumped for `module` (e.g. jit_step_fn) under --xla_dump_to, if any."""
+  flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
+  m = re.search(r"--xla_dump_to=(\S+)", flags)
+  if not m:
+    return None
+  found = sorted(pathlib.Path(m.group(1)).glob(f"*.{module}.*after_optimizations.txt"))
+  return str(found[-1]) if found else None
+
+
+def read_text(path: str) -> str:
+  opener = gzip.open if str(path).endswith(".gz") else open
+  with opener(path, "rt") as f:
+    return f.read()
+
+
 def print_summary(summary: dict, file=sys.stdout) -> None:
   print(f"{summary['trace']}\ndevice time {summary['device_ms_per_step']:.2f} ms/step "
         f"({', '.join(summary['device_processes'])})", file=file)
@@ -89,6 +171,10 @@ def print_summary(summary: dict, file=sys.stdout) -> None:
   for k in summary["top_kernels"]:
     print(f"{k['ms_per_step']:9.3f} {k['share']:6.3f} {k['calls_per_step']:6.0f}  {k['name'][:90]}"
           f"{' [' + k['hlo_op'] + ']' if k['hlo_op'] else ''}", file=file)
+    if "op_name" in k:
+      print(f"{'':24}writes {k['writes']}\n{'':24}from {k['op_name'][:140]}", file=file)
+      if k.get("source"):
+        print(f"{'':24}at {' <- '.join(k['source'])}", file=file)
 
 
 def main():
@@ -97,9 +183,12 @@ def main():
   p.add_argument("--top", type=int, default=40)
   p.add_argument("--steps", type=int, default=1)
   p.add_argument("--device_filter", default="/device:")
+  p.add_argument("--hlo", default=None, help="the program's optimised HLO text (.txt or .txt.gz)")
   p.add_argument("--out", default=None)
   args = p.parse_args()
   summary = summarize(newest_trace(args.log_dir), device_filter=args.device_filter, steps=args.steps, top=args.top)
+  if args.hlo:
+    annotate(summary, read_text(args.hlo))
   print_summary(summary)
   if args.out:
     pathlib.Path(args.out).write_text(json.dumps(summary, indent=1))

@@ -1,4 +1,5 @@
 """bench/trace_summary.py: per-kernel and per-kind device time from a profiler trace (a synthetic one here)."""
+import argparse
 import gzip
 import json
 import os
@@ -42,8 +43,9 @@ def test_missing_trace_names_the_folder(tmp_path):
 def test_scaling_points_see_n_devices_and_speedups_divide_by_one_device():
   from bench import scaling
 
-  env = scaling.point_env(2, "gpu", base={"PATH": "/bin"})
-  assert env["CUDA_VISIBLE_DEVICES"] == "0,1" and env["PATH"] == "/bin"
+  env = scaling.point_env(2, "gpu", base={"PATH": "/bin", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
+  # the parent's probe-only setting does not reach the measured process
+  assert env == {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0,1"}
   env = scaling.point_env(4, "cpu", base={"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_dump_to=/x"})
   assert env["XLA_FLAGS"] == "--xla_dump_to=/x --xla_force_host_platform_device_count=4"
   assert env["JAX_PLATFORMS"] == "cpu"
@@ -72,3 +74,57 @@ def test_pods_memory_shards_the_training_state_over_fsdp():
   assert state_gib / 8 <= r["per_device_argument_gib"] < state_gib / 4, (r["per_device_argument_gib"], state_gib)
   assert r["per_device_total_gib"] == pytest.approx(r["per_device_argument_gib"] + r["per_device_temp_gib"] + 2.0)
   assert r["fits"] and r["scan_blocks"] is True
+
+
+def test_scaling_point_past_its_timeout_is_recorded_as_an_error():
+  from bench import scaling
+
+  args = argparse.Namespace(variant="himar_tiny", per_device_batch=2, steps=1, warmup=1, extra=[],
+                            point_timeout=0.01)
+  point = scaling.run_point(args, 1, "data", "cpu")
+  assert point == {"devices": 1, "strategy": "data", "error": "timed out after --point_timeout=0.01 s"}
+
+
+HLO_DUMP = """HloModule jit_step_fn
+
+FileNames
+1 "/work/main/himar_jax/nn/transformer.py"
+2 "/site-packages/flax/nnx/nn/linear.py"
+
+FunctionNames
+1 "Block.__call__"
+2 "Linear.__call__"
+
+FileLocations
+1 {file_name_id=1 function_name_id=1 line=170 end_line=170 column=1 end_column=9}
+2 {file_name_id=2 function_name_id=2 line=431 end_line=431 column=6 end_column=57}
+
+StackFrames
+1 {file_location_id=1 parent_frame_id=1}
+2 {file_location_id=2 parent_frame_id=1}
+
+ENTRY %main {
+  %input_add_reduce_fusion.37 = (bf16[256,2048]{1,0}) fusion(%p.1), kind=kInput, calls=%fused.1, metadata={op_name="jit(step_fn)/transpose(jvp())/reduce_sum" stack_frame_id=2}, backend_config={}
+  %input_add_reduce_fusion.37.remat2 = (bf16[256,2048]{1,0}) fusion(%p.1), kind=kInput, calls=%fused.2, metadata={op_name="jit(step_fn)/other" stack_frame_id=1}
+  %loop_convert_fusion = bf16[8]{0} fusion(%p.2), kind=kLoop, calls=%fused.3, metadata={op_name="jit(step_fn)/convert_element_type"}
+}
+"""
+
+
+def test_trace_summary_names_where_a_fusion_kernel_comes_from():
+  origins = trace_summary.fusion_origins(HLO_DUMP)
+  assert origins["input_add_reduce_fusion_37"] == {
+      "writes": "(bf16[256,2048]{1,0})", "op_name": "jit(step_fn)/transpose(jvp())/reduce_sum",
+      "source": ["nn/linear.py:431 (Linear.__call__)", "nn/transformer.py:170 (Block.__call__)"]}
+  assert origins["loop_convert_fusion"]["source"] == []
+  summary = {"top_kernels": [{"name": "loop_convert_fusion"}, {"name": "nvjet_sm90_gemm"}]}
+  trace_summary.annotate(summary, HLO_DUMP)
+  assert summary["top_kernels"][0]["writes"] == "bf16[8]{0}" and "op_name" not in summary["top_kernels"][1]
+
+
+def test_trace_summary_finds_the_dumped_program(tmp_path):
+  (tmp_path / "module_0744.jit_step_fn.sm_9.0a_gpu_after_optimizations.txt").write_text(HLO_DUMP)
+  (tmp_path / "module_0744.jit_step_fn.sm_9.0a_gpu_after_optimizations-buffer-assignment.txt").write_text("x")
+  found = trace_summary.hlo_dump_of("jit_step_fn", f"--xla_foo --xla_dump_to={tmp_path}")
+  assert found.endswith("gpu_after_optimizations.txt")
+  assert trace_summary.hlo_dump_of("jit_step_fn", "--xla_foo") is None
