@@ -68,7 +68,8 @@ def _model(family: str, size: str) -> ml_collections.ConfigDict:
   m.remat = "none"
   # One lax.scan per block stack (same params, same result; compiles in a fraction of the time).
   m.scan_blocks = False
-  # Dropout mask bits: threefry (JAX's default hash) or rbg (XLA's RngBitGenerator; cheaper on GPUs).
+  # Dropout mask bits: threefry (JAX's default), rbg (XLA's RngBitGenerator) or hash (a counter hash of each
+  # element's index, computed where the mask is applied: no random-bit tensors; nn/layers.Dropout).
   m.dropout_rng = "threefry"
   m.cfg_schedule = "linear"
   m.temperature = 1.0

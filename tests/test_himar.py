@@ -291,9 +291,9 @@ def test_end_to_end_latent_cache_train_restore_sample_decode(tmp_path):
   assert decoded.shape == (2, 16, 16, 1) and np.isfinite(np.asarray(decoded)).all()
 
 
-def test_rbg_dropout_is_a_function_of_the_step_key():
-  """dropout_rng=rbg: the same key gives the same loss, another key another one, and threefry's masks differ
-  from rbg's; bad values are named."""
+def test_rbg_and_hash_dropout_are_functions_of_the_step_key():
+  """dropout_rng=rbg / hash: the same key gives the same loss, another key another one, and threefry's masks
+  differ from both; bad values are named."""
   c = get_config("himar_tiny")
   batch = {"latent": jax.random.normal(jax.random.key(1), (4, 16, 16, c.model.token_dim)),
            "latent_small": jax.random.normal(jax.random.key(2), (4, 8, 8, c.model.token_dim)),
@@ -309,11 +309,12 @@ def test_rbg_dropout_is_a_function_of_the_step_key():
     fn = jax.jit(lambda p, k: nnx.merge(graphdef, p, rest).train_loss(batch, key=k, step=0)[0])
     return lambda key: float(fn(params, key))
 
-  rbg, threefry = loss_fn("rbg"), loss_fn("threefry")
+  rbg, threefry, hashed = loss_fn("rbg"), loss_fn("threefry"), loss_fn("hash")
   k1, k2 = jax.random.key(7), jax.random.key(8)
-  a = rbg(k1)
+  a, h = rbg(k1), hashed(k1)
   assert np.isfinite(a) and a == rbg(k1) and a != rbg(k2)
-  assert threefry(k1) != a
+  assert np.isfinite(h) and h == hashed(k1) and h != hashed(k2)
+  assert threefry(k1) != a and threefry(k1) != h
   c.model.dropout_rng = "philox"
   with pytest.raises(ValueError, match="dropout_rng='philox'"):
     models.model_fn(c)(nnx.Rngs(0))

@@ -107,14 +107,15 @@ def cosine_mask_lengths(num_tokens: int, num_iter: int) -> np.ndarray:
 # The backbone: MAR (one phase) and Hi-MAR (two phases) share it
 # ----------------------------------------------------------------------------------------------------------------
 
-DROPOUT_RNGS = ("threefry", "rbg")
+DROPOUT_RNGS = ("threefry", "rbg", "hash")
 
 
 def dropout_rngs(key, impl: str = "threefry") -> nnx.Rngs:
   """The dropout stream of one training step from its (threefry) key. impl="rbg" re-keys it as an RBG key (4
-  words drawn from `key`), so the masks' bits come from XLA's RngBitGenerator instead of the threefry hash; still
-  a function of `key` alone, but different masks than threefry's (the official code's masks are not reproducible
-  either way). Training-only: sampling draws no dropout."""
+  words drawn from `key`), so the masks' bits come from XLA's RngBitGenerator instead of the threefry hash;
+  impl="hash" keeps the key and the blocks' Dropout layers hash element indices with it (nn/layers.Dropout,
+  bits="hash": no random-bit tensors at all). Each is a function of `key` alone, with different masks (the
+  official code's masks are not reproducible either way). Training-only: sampling draws no dropout."""
   if impl == "rbg":
     key = jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl="rbg")
   return nnx.Rngs(dropout=key)
@@ -160,6 +161,7 @@ class MAR(nnx.Module):
     if dropout_rng not in DROPOUT_RNGS:
       raise ValueError(f"dropout_rng={dropout_rng!r} is not one of {DROPOUT_RNGS}.")
     self.dropout_rng = dropout_rng
+    dropout_bits = "hash" if dropout_rng == "hash" else "random"
     self.seq_len = prefix_tokens + num_tokens
     # The most tokens visible in MAR training; sampling uses the full length.
     self.train_capacity = num_tokens - int(math.ceil(num_tokens * mask_ratio_min))
@@ -176,7 +178,8 @@ class MAR(nnx.Module):
     self.z_proj_ln = layer_norm(encoder_dim, rngs=rngs)
     self.encoder_pos_embed = param((1, num_phases * length, encoder_dim), (None, "length", "embed"))
     self.encoder_blocks = nnx.List([Block(encoder_dim, encoder_heads, mlp_ratio=mlp_ratio, dropout=dropout,
-                                          num_phases=block_phases, dtype=dtype, rngs=rngs)
+                                          dropout_bits=dropout_bits, num_phases=block_phases, dtype=dtype,
+                                          rngs=rngs)
                                     for _ in range(encoder_depth)])
     self.encoder_norm = layer_norm(encoder_dim, rngs=rngs)
     self.decoder_embed = dense(encoder_dim, decoder_dim, ("embed", "mlp"), rngs=rngs, dtype=dtype)
@@ -184,7 +187,8 @@ class MAR(nnx.Module):
     self.mask_token = param((1, mask_tokens, decoder_dim), (None, "length" if mask_tokens > 1 else None, "embed"))
     self.decoder_pos_embed = param((1, num_phases * length, decoder_dim), (None, "length", "embed"))
     self.decoder_blocks = nnx.List([Block(decoder_dim, decoder_heads, mlp_ratio=mlp_ratio, dropout=dropout,
-                                          num_phases=block_phases, dtype=dtype, rngs=rngs)
+                                          dropout_bits=dropout_bits, num_phases=block_phases, dtype=dtype,
+                                          rngs=rngs)
                                     for _ in range(decoder_depth)])
     self.decoder_norm = layer_norm(decoder_dim, rngs=rngs)
     self.diffusion_pos_embed = param((1, self.seq_len, decoder_dim), (None, "length", "embed"))

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 DEFAULT_COMPUTE_DTYPE = jnp.bfloat16
@@ -34,16 +36,74 @@ def embed(num_embeddings: int, features: int, *, rngs: nnx.Rngs, axes=("vocab", 
                    embedding_init=with_axes(init, axes), rngs=rngs)
 
 
+# How dropout draws its keep/drop bits from the key it is given:
+#   random: jax.random.bernoulli (the key's own generator, threefry or rbg; what nnx.Dropout does);
+#   hash:   a counter-based hash of each element's index, seeded by the key (see counter_hash_bits). Same keep
+#           probability (to 2^-32), masks still a function of the key alone, but computed inside the fusion
+#           that applies them: no random-bit tensor is written or read (on the H100 jax.random's bits for
+#           Hi-MAR-B's dropout cost ~30 ms of a ~290 ms training step).
+DROPOUT_BITS = ("random", "hash")
+
+
+def _mix32(h):
+  """A bijection of uint32 with full avalanche (Chris Wellons' `lowbias32` integer hash)."""
+  h = h ^ (h >> 16)
+  h = h * np.uint32(0x7FEB352D)
+  h = h ^ (h >> 15)
+  h = h * np.uint32(0x846CA68B)
+  return h ^ (h >> 16)
+
+
+def counter_hash_bits(key, shape) -> jax.Array:
+  """uint32 bits of `shape`: element i gets mix(mix(i ^ s0) + s1) for the key's first two data words (s0, s1).
+
+  For a fixed key this is a fixed pseudo-random permutation of the element indices (< 2^32 elements), so the
+  bits are uniform and distinct keys give unrelated masks; everything is elementwise integer arithmetic on an
+  iota, which XLA fuses into the consumer (the dropout select) instead of materialising the bits.
+  """
+  size = int(np.prod(shape))
+  if size >= 2 ** 32:
+    raise ValueError(f"counter_hash_bits: {size} elements exceed the 2^32 counter; split the tensor.")
+  words = jax.random.key_data(key).reshape(-1).astype(jnp.uint32)
+  index = jax.lax.iota(jnp.uint32, size).reshape(shape)
+  return _mix32(_mix32(index ^ words[0]) + words[1 % words.shape[0]])
+
+
+class Dropout(nnx.Module):
+  """Inverted dropout (x / keep where kept, 0 elsewhere) drawing one key from `rngs.dropout` per call, like
+  nnx.Dropout; `bits` picks how the mask is made from that key (DROPOUT_BITS). Active iff deterministic is False
+  and rate > 0."""
+
+  def __init__(self, rate: float, *, bits: str = "random"):
+    if not 0.0 <= rate < 1.0:
+      raise ValueError(f"dropout rate {rate} must be in [0, 1).")
+    if bits not in DROPOUT_BITS:
+      raise ValueError(f"dropout bits={bits!r} is not one of {DROPOUT_BITS}.")
+    self.rate, self.bits = rate, bits
+
+  def __call__(self, x, *, deterministic: bool, rngs: nnx.Rngs | None = None):
+    if deterministic or self.rate == 0.0:
+      return x
+    if rngs is None:
+      raise ValueError("Dropout in training mode needs rngs with a 'dropout' stream.")
+    key, keep = rngs.dropout(), 1.0 - self.rate
+    if self.bits == "hash":
+      mask = counter_hash_bits(key, x.shape) >= np.uint32(round(self.rate * 2.0 ** 32))
+    else:
+      mask = jax.random.bernoulli(key, p=keep, shape=x.shape)
+    return jax.lax.select(mask, x / keep, jnp.zeros_like(x))
+
+
 class Mlp(nnx.Module):
   """Linear -> GELU -> Linear (timm Mlp); `approximate` picks tanh GELU (DiT) or exact erf GELU (timm/MAR)."""
 
   def __init__(self, features: int, hidden: int, *, rngs: nnx.Rngs, approximate_gelu: bool = False,
-               dropout: float = 0.0, dtype=DEFAULT_COMPUTE_DTYPE):
+               dropout: float = 0.0, dropout_bits: str = "random", dtype=DEFAULT_COMPUTE_DTYPE):
     self.fc1 = dense(features, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype)
     self.fc2 = dense(hidden, features, ("mlp", "embed"), rngs=rngs, dtype=dtype)
     self.approximate_gelu = approximate_gelu
     # No Rngs stored in modules: randomness comes in at call time, so models hold parameters only.
-    self.drop = nnx.Dropout(dropout)
+    self.drop = Dropout(dropout, bits=dropout_bits)
 
   def __call__(self, x, *, rngs: nnx.Rngs | None = None):
     """Dropout is active iff `rngs` is given (training)."""

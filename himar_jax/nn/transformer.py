@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from himar_jax.nn.attention import dot_product_attention
-from himar_jax.nn.layers import DEFAULT_COMPUTE_DTYPE, Mlp, dense, layer_norm
+from himar_jax.nn.layers import DEFAULT_COMPUTE_DTYPE, Dropout, Mlp, dense, layer_norm
 
 
 # Activation checkpointing of one block call: which intermediate values the backward pass keeps (the rest are
@@ -117,13 +117,13 @@ class SelfAttention(nnx.Module):
   """Multi-head self-attention with a fused qkv projection laid out (3, heads, head_dim) as timm's."""
 
   def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, qkv_bias: bool = True, dropout: float = 0.0,
-               dtype=DEFAULT_COMPUTE_DTYPE, implementation: str | None = None):
+               dropout_bits: str = "random", dtype=DEFAULT_COMPUTE_DTYPE, implementation: str | None = None):
     if dim % num_heads:
       raise ValueError(f"width {dim} is not divisible by num_heads={num_heads}.")
     self.num_heads = num_heads
     self.qkv = dense(dim, 3 * dim, ("embed", "heads"), rngs=rngs, use_bias=qkv_bias, dtype=dtype)
     self.proj = dense(dim, dim, ("heads", "embed"), rngs=rngs, dtype=dtype)
-    self.drop = nnx.Dropout(dropout)
+    self.drop = Dropout(dropout, bits=dropout_bits)
     self.implementation = implementation
 
   def __call__(self, x, *, key_mask=None, rngs: nnx.Rngs | None = None):
@@ -141,11 +141,11 @@ class SelfAttention(nnx.Module):
 class Block(nnx.Module):
 
   def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, mlp_ratio: float = 4.0, dropout: float = 0.0,
-               num_phases: int = 0, dtype=DEFAULT_COMPUTE_DTYPE, eps: float = 1e-6):
+               dropout_bits: str = "random", num_phases: int = 0, dtype=DEFAULT_COMPUTE_DTYPE, eps: float = 1e-6):
     self.norm1 = layer_norm(dim, rngs=rngs, epsilon=eps)
-    self.attn = SelfAttention(dim, num_heads, rngs=rngs, dropout=dropout, dtype=dtype)
+    self.attn = SelfAttention(dim, num_heads, rngs=rngs, dropout=dropout, dropout_bits=dropout_bits, dtype=dtype)
     self.norm2 = layer_norm(dim, rngs=rngs, epsilon=eps)
-    self.mlp = Mlp(dim, int(dim * mlp_ratio), rngs=rngs, dropout=dropout, dtype=dtype)
+    self.mlp = Mlp(dim, int(dim * mlp_ratio), rngs=rngs, dropout=dropout, dropout_bits=dropout_bits, dtype=dtype)
     self.num_phases = num_phases
     if num_phases:
       init_shift = jnp.tile(jnp.array([0.0, 1.0, 0.0, 1.0]).repeat(dim), (num_phases, 1))
