@@ -62,7 +62,10 @@ def run_point(args, n: int, strategy: str, platform: str) -> dict:
     except subprocess.TimeoutExpired:
       return {"devices": n, "strategy": strategy, "error": f"timed out after --point_timeout={args.point_timeout} s"}
     if proc.returncode != 0 or not os.path.exists(out):
-      return {"devices": n, "strategy": strategy, "error": (proc.stderr or proc.stdout)[-2000:]}
+      text = proc.stderr or proc.stdout
+      # XLA appends long Python stack traces to its messages: keep the lines that name an error, then the tail.
+      named = [line[:1000] for line in text.splitlines() if "Error" in line or "error:" in line][:8]
+      return {"devices": n, "strategy": strategy, "error": "\n".join(named + ["...", text[-2000:]])}
     with open(out) as f:
       result = json.load(f)
   keep = ("step_s", "images_per_s", "peak_memory_gib", "compiled_temp_gib", "compiled_argument_gib", "mfu",

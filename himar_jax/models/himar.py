@@ -32,6 +32,7 @@ from flax import nnx
 
 from himar_jax.diffusion.gaussian import create_diffusion
 from himar_jax.models import heads
+from himar_jax.nn.indexing import scatter_rows
 from himar_jax.nn.layers import dense, embed, layer_norm, with_axes
 from himar_jax.nn.transformer import Block, call_checkpointed, check_remat, run_blocks
 
@@ -299,7 +300,7 @@ class MAR(nnx.Module):
     # Padding rows go to a scratch slot s that is dropped afterwards.
     target = jnp.where(valid, idx, s)
     full = jnp.concatenate([fill, jnp.zeros((b, 1, d), jnp.float32)], axis=1)
-    full = full.at[jnp.arange(b)[:, None], target].set(x[:, nb:])[:, :s]
+    full = scatter_rows(full, target, x[:, nb:])[:, :s]
     x = jnp.concatenate([x[:, :nb], full], axis=1) + self._phase_half(self.decoder_pos_embed, phase, nb + s)
     ada = self._phase_embedding("decoder", phase)
     x = run_blocks(self.decoder_blocks, x, self.remat, phase_embedding=ada, phase=phase, rngs=rngs,
@@ -393,7 +394,7 @@ class MAR(nnx.Module):
     b, n, c = tokens.shape
     target = jnp.where(pvalid, pidx, n)
     padded = jnp.concatenate([tokens, jnp.zeros((b, 1, c), tokens.dtype)], axis=1)
-    return padded.at[jnp.arange(b)[:, None], target].set(new)[:, :n]
+    return scatter_rows(padded, target, new)[:, :n]
 
   def sample_tokens(self, labels, *, keys, num_iter: int, cfg: float = 1.0, cfg_schedule: str = "linear",
                     temperature: float = 1.0, num_sampling_steps: str | None = None, orders=None, noise=None,

@@ -36,6 +36,7 @@ from flax import nnx
 
 from himar_jax.kernels.layout import ScaleLayout
 from himar_jax.nn.attention import dot_product_attention
+from himar_jax.nn.indexing import scatter_rows
 from himar_jax.nn.layers import DEFAULT_COMPUTE_DTYPE, Mlp, dense, layer_norm, with_axes
 from himar_jax.nn.transformer import stack_states
 from himar_jax.tokenizers import resize
@@ -605,7 +606,6 @@ def _run_scale(model, blocks, x, cond):
 def _sample_hmar(model, labels, keys, *, cfg, top_k, top_p, schedule, refine, greedy, edit=None):
   cond, lvl_pos, x, f_hat = _start(model, labels)
   b = labels.shape[0]
-  rows = jnp.arange(b)[:, None]
   q = model.vq
   full = (model.scales.patch_nums[-1],) * 2
   out = []
@@ -625,14 +625,14 @@ def _sample_hmar(model, labels, keys, *, cfg, top_k, top_p, schedule, refine, gr
         # get_next_mask_input: this scale's f_hat so far and its own tokens, both at pn x pn.
         f_int = resize.area(f_hat, (pn, pn)).reshape(b, n0, -1)
         h_int = resize.area(q.apply_phi(si, resize.bicubic(q.embed(idx, (pn, pn)), full)), (pn, pn))
-        masked = jnp.zeros((b, n0), bool).at[rows, to_mask].set(True)
+        masked = scatter_rows(jnp.zeros((b, n0), bool), to_mask, jnp.ones(to_mask.shape, bool))
         inp = model.masked_word(f_int, h_int.reshape(b, n0, -1), masked) + lvl_pos[:, s0:s0 + n0]
         hm = _run_scale(model, model.mask_blocks,
                         _run_scale(model, model.base_blocks, jnp.concatenate([inp, inp], 0), cond), cond)
         # The official refinement runs CFG at t = cfg * 1e-6 (effectively off).
         filtered_m = filter_top_k_top_p(_cfg_mix(model.mask_head(hm, cond), cfg * 1e-6), top_k, top_p)
         idx_m = _draw(filtered_m, keys, si, step, greedy)
-        idx = idx.at[rows, to_mask].set(jnp.take_along_axis(idx_m, to_mask, -1))
+        idx = scatter_rows(idx, to_mask, jnp.take_along_axis(idx_m, to_mask, -1))
         idx, _ = _keep_known(idx, edit, model, si)
         if step != len(steps) - 1:
           conf = pin(jnp.take_along_axis(jax.nn.softmax(filtered_m, -1), idx[..., None], -1)[..., 0])

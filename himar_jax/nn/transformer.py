@@ -14,6 +14,7 @@ from flax import nnx
 
 from himar_jax.nn.attention import dot_product_attention
 from himar_jax.nn.layers import DEFAULT_COMPUTE_DTYPE, Dropout, Mlp, dense, layer_norm
+from himar_jax.parallel.sharding import constrain
 
 
 # Activation checkpointing of one block call: which intermediate values the backward pass keeps (the rest are
@@ -88,8 +89,8 @@ def run_blocks(blocks, x, policy: str, *args, rngs: nnx.Rngs | None = None, scan
   """
   if not scan or len(blocks) < 2:
     for block in blocks:
-      x = call_checkpointed(block, policy, x, *args, rngs=rngs, **kwargs)
-    return x
+      x = call_checkpointed(block, policy, constrain(x), *args, rngs=rngs, **kwargs)
+    return constrain(x)
   check_remat(policy)
   stacked = stack_states(blocks)
   if stacked is None:
@@ -107,7 +108,7 @@ def run_blocks(blocks, x, policy: str, *args, rngs: nnx.Rngs | None = None, scan
 
   def step(x, per_block):
     state, key = per_block
-    return body(x, state, key, args, arrays), None
+    return constrain(body(constrain(x), state, key, args, arrays)), None
 
   x, _ = jax.lax.scan(step, x, (stacked, keys))
   return x

@@ -99,6 +99,22 @@ def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
   return NamedSharding(mesh, logical_to_mesh_spec(("batch",) + (None,) * (ndim - 1), None, mesh))
 
 
+def constrain(x, logical: Sequence[str | None] = ("batch",)):
+  """x with its sharding pinned to the logical axes (remaining dimensions replicated) under the mesh of the
+  enclosing `jax.sharding.use_abstract_mesh` (the train step sets it); unchanged when none is set or it has one
+  device.
+
+  Activations are pinned at block boundaries so that the SPMD partitioner keeps them batch-sharded under FSDP
+  (and gathers the fsdp-sharded weights) instead of sharding the activations' embedding dimension like the
+  weights' and all-reducing every matmul output over the fsdp axis.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return x
+  logical = tuple(logical) + (None,) * (x.ndim - len(logical))
+  return jax.lax.with_sharding_constraint(x, logical_to_mesh_spec(logical, x.shape, mesh))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

@@ -32,7 +32,9 @@ def make_train_step(setup: TrainSetup, ema_decay: float) -> Callable:
       model = setup.merge(params, state.buffers)
       return model.train_loss(batch, key=key, step=state.step)
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    # The mesh the model's activation constraints (sharding_lib.constrain) refer to.
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
