@@ -71,6 +71,18 @@ def masks_from_orders(orders, num_masked):
   return ranks < num_masked
 
 
+def example_major(rows_in_tile_order, mul: int):
+  """Per-row draws for jnp.tile(x, mul) rows (row m * N + i) reordered for jnp.repeat(x, mul) rows (row
+  i * mul + m): the same (row, draw) pairs, so every loss (a mean over rows) is unchanged.
+
+  The heads' inputs are repeated example-major rather than tiled (the official order) because a tiled batch is
+  not a contiguous block of any device's batch shard: under data parallelism XLA all-gathered the whole batch of
+  decoder maps for it; repeated rows of an example stay on that example's device.
+  """
+  v = rows_in_tile_order
+  return v.reshape((mul, v.shape[0] // mul) + v.shape[1:]).swapaxes(0, 1).reshape(v.shape)
+
+
 def gather_visible(mask, capacity: int):
   """Indices (B, capacity) of unmasked positions in ascending order, padded with masked ones; and validity."""
   n = mask.shape[-1]
@@ -314,14 +326,15 @@ class MAR(nnx.Module):
 
   def mlp_loss(self, z, target, mask, t, noise):
     """MAR's forward_loss: z (B, N, Dd), target (B, N, C), mask (B, N); rows repeated diffusion_batch_mul times
-    (t (mul B N,), noise (mul B N, C))."""
+    (t (mul B N,), noise (mul B N, C), in the official tiled row order; see example_major)."""
     b, n, c = target.shape
     mul = self.diffusion_batch_mul
-    z_rep = jnp.tile(z.reshape(b * n, -1), (mul, 1))
-    target = jnp.tile(target.reshape(b * n, c), (mul, 1))
-    loss_mask = jnp.tile(mask.reshape(b * n), (mul,)).astype(jnp.float32)
+    z_rep = jnp.repeat(z.reshape(b * n, -1), mul, axis=0)
+    target = jnp.repeat(target.reshape(b * n, c), mul, axis=0)
+    loss_mask = jnp.repeat(mask.reshape(b * n), mul).astype(jnp.float32)
     diffusion = create_diffusion("", noise_schedule=self.noise_schedule, learn_sigma=True)
-    return heads.mlp_head_loss(self.diffusion_head, diffusion, target, z_rep, loss_mask, t=t, noise=noise)
+    return heads.mlp_head_loss(self.diffusion_head, diffusion, target, z_rep, loss_mask,
+                               t=example_major(t, mul), noise=example_major(noise, mul))
 
   # -- training --------------------------------------------------------------------------------------------------
   def _mar_tokens(self, batch):
@@ -644,9 +657,10 @@ class HiMAR(MAR):
                                          phase=1, rngs=rngs)
     z_dense = self.decode(h, idx, valid, phase=1, rngs=rngs)[:, p:]
     diffusion = create_diffusion("", noise_schedule=self.noise_schedule, learn_sigma=False)
-    loss_dense = heads.dit_head_loss(self.dit_head, diffusion, jnp.tile(dense, (mul, 1, 1)),
-                                     jnp.tile(z_dense, (mul, 1, 1)), jnp.tile(mask_dense, (mul, 1)),
-                                     t=draws["t_dense"], noise=draws["noise_dense"])
+    loss_dense = heads.dit_head_loss(self.dit_head, diffusion, jnp.repeat(dense, mul, axis=0),
+                                     jnp.repeat(z_dense, mul, axis=0), jnp.repeat(mask_dense, mul, axis=0),
+                                     t=example_major(draws["t_dense"], mul),
+                                     noise=example_major(draws["noise_dense"], mul))
     if return_z:
       return loss_low, loss_dense, (z_low, z_dense)
     return loss_low, loss_dense
