@@ -28,6 +28,7 @@ from flax import nnx
 from himar_jax.diffusion import GaussianDiffusion
 from himar_jax.nn.layers import DEFAULT_COMPUTE_DTYPE, Mlp, dense, layer_norm
 from himar_jax.nn.transformer import SelfAttention, check_remat, run_blocks
+from himar_jax.parallel.sharding import constrain
 
 _normal002 = nnx.initializers.normal(0.02)
 _zeros = nnx.initializers.zeros_init()
@@ -140,10 +141,10 @@ class MlpHead(nnx.Module):
     if z.shape[0] != x.shape[0] or t.shape != x.shape[:1]:
       raise ValueError(f"x {x.shape}, t {t.shape} and z {z.shape} must share the leading (token) dimension.")
     h = _f32(self.input_proj(x))
-    y = self.time_embed(t) + _f32(self.cond_embed(z))
+    y = constrain(self.time_embed(t) + _f32(self.cond_embed(z)))  # token rows: batch-sharded (see constrain)
     for block in self.res_blocks:
-      h = block(h, y)
-    return self.final_layer(h, y)
+      h = block(constrain(h), y)
+    return constrain(self.final_layer(constrain(h), y))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -217,9 +218,9 @@ class DiTHead(nnx.Module):
     if z.ndim != 3 or z.shape[:2] != x.shape[:2] or t.shape != x.shape[:1]:
       raise ValueError(f"z must be (N, {seq}, Dz) and t (N,) for x {x.shape}; got z {z.shape}, t {t.shape}.")
     h = _f32(self.x_embedder(x)) + self.pos_embed()[None]
-    c = self.t_embedder(t)[:, None, :] + _f32(self.c_embedder(z))
+    c = constrain(self.t_embedder(t)[:, None, :] + _f32(self.c_embedder(z)))
     h = run_blocks(self.blocks, h, self.remat, c, scan=self.scan_blocks)
-    return self.final_layer(h, c)
+    return constrain(self.final_layer(h, c))
 
 
 # ----------------------------------------------------------------------------------------------------------------

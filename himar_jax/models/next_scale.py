@@ -39,6 +39,7 @@ from himar_jax.nn.attention import dot_product_attention
 from himar_jax.nn.indexing import scatter_rows
 from himar_jax.nn.layers import DEFAULT_COMPUTE_DTYPE, Mlp, dense, layer_norm, with_axes
 from himar_jax.nn.transformer import stack_states
+from himar_jax.parallel.sharding import constrain
 from himar_jax.tokenizers import resize
 from himar_jax.tokenizers.vq_pyramid import ResidualQuantizer, VQPyramidConfig
 
@@ -373,8 +374,8 @@ class NextScaleTransformer(nnx.Module):
     keys = None if key is None else jax.random.split(key, len(blocks))
     if not self.scan_blocks or len(blocks) < 2:
       for i, blk in enumerate(blocks):
-        x = blk(x, cond, layout=layout, key=None if keys is None else keys[i])
-      return x
+        x = blk(constrain(x), cond, layout=layout, key=None if keys is None else keys[i])
+      return constrain(x)
     # One lax.scan over the blocks' states stacked at call time. The blocks differ only in their static drop-path
     # rate, so block 0's graph is used and each block's rate travels as data; same keys, same result.
     graphdef, stacked = stack_states(blocks, same_graph=False)
@@ -382,7 +383,7 @@ class NextScaleTransformer(nnx.Module):
 
     def step(x, per_block):
       state, rate, k = per_block
-      return nnx.merge(graphdef, state)(x, cond, layout=layout, key=k, drop_path=rate), None
+      return constrain(nnx.merge(graphdef, state)(constrain(x), cond, layout=layout, key=k, drop_path=rate)), None
 
     x, _ = jax.lax.scan(step, x, (stacked, rates, keys))
     return x
