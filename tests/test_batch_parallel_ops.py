@@ -1,14 +1,23 @@
-"""Ops that must stay batch-parallel on a sharded mesh: sharding.constrain pins activations to the batch axes, and
-nn/indexing.scatter_rows (a per-example scatter) compiles without gathering the batch onto every device."""
+"""Ops that must stay batch-parallel on a sharded mesh: sharding.constrain pins activations to the batch axes,
+nn/indexing.scatter_rows (a per-example scatter) compiles without gathering the batch onto every device, and the
+FSDP training steps move weights, not activations."""
 from __future__ import annotations
+
+import importlib
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from himar_jax import models
 from himar_jax.nn.indexing import scatter_rows
 from himar_jax.parallel import mesh as mesh_lib, sharding as sharding_lib
+from himar_jax.train.optimizer import make_optimizer
+from himar_jax.train.state import make_train_setup
+from himar_jax.train.step import make_train_step
 
 
 def test_constrain_pins_the_batch_axes_under_the_abstract_mesh_only():
@@ -48,3 +57,29 @@ def test_scatter_rows_matches_indexing_and_stays_batch_sharded():
   explicit = jax.jit(lambda d_, r, v: d_.at[jnp.arange(b)[:, None], r].set(v), in_shardings=(sharded,) * 3,
                      out_shardings=sharded)
   assert "all-gather" in explicit.lower(dest, rows, values).compile().as_text()
+
+
+@pytest.mark.parametrize("spec", ["next_scale:hmar_tiny", "himar:himar_tiny"])
+def test_fsdp_step_moves_weights_not_activations(spec):
+  """On an 8-way FSDP mesh the compiled training step gathers weights only: no all-reduce / all-gather of a
+  batch-leading activation (before activations were pinned, the partitioner sharded them along their width like
+  the weights and all-reduced matmul outputs: 14 such collectives in HMAR-tiny, 6x the temporaries in HMAR-d30)."""
+  module, _, variant = spec.partition(":")
+  config = importlib.import_module(f"configs.{module}").get_config(variant)
+  gb = 16
+  config.data.global_batch_size, config.mesh.shape, config.model.scan_blocks = gb, (1, 8, 1), True
+  mesh = mesh_lib.mesh_from_config(config)
+  setup = make_train_setup(models.model_fn(config), make_optimizer(config, 10), mesh)
+  step = make_train_step(setup, config.optim.ema_decay)
+  m, bs = config.model, sharding_lib.batch_sharding(mesh, 1)
+  if m.family == "himar":
+    shapes = {"latent": (gb, m.grid_size, m.grid_size, m.token_dim),
+              "latent_small": (gb, m.lowres_grid, m.lowres_grid, m.token_dim)}
+    batch = {k: jax.ShapeDtypeStruct(s, jnp.float32, sharding=bs) for k, s in shapes.items()}
+  else:
+    batch = {"indices": jax.ShapeDtypeStruct((gb, sum(p * p for p in m.patch_nums)), jnp.int32, sharding=bs)}
+  batch["label"] = jax.ShapeDtypeStruct((gb,), jnp.int32, sharding=bs)
+  hlo = step.lower(setup.abstract_state, batch).compile().as_text()
+  moved = re.findall(r"= (?:f32|bf16)\[(\d+),\d+,\d+[^\]]*\]\S* (all-reduce|all-gather)", hlo)
+  assert [m_ for m_ in moved if int(m_[0]) >= gb] == []
+  assert re.search(r"all-gather", hlo)  # the weights are gathered (FSDP is active)
