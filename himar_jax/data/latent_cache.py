@@ -21,6 +21,7 @@ split over the local devices.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -90,17 +91,20 @@ def encode_record(example: dict, fields: Sequence[Field]) -> bytes:
   return b"".join(parts)
 
 
+@functools.lru_cache(maxsize=64)
+def record_dtype(fields: tuple[Field, ...]) -> np.dtype:
+  """The record layout as one packed numpy structured dtype (fields back to back, in order)."""
+  return np.dtype([(f.name, f.dtype, f.shape) for f in fields])
+
+
 def decode_record(data: bytes, fields: Sequence[Field]) -> dict:
-  expected = sum(f.nbytes for f in fields)
-  if len(data) != expected:
-    raise CacheError(f"cache record has {len(data)} bytes, the metadata's fields need {expected}; the shard is "
-                     "corrupted or belongs to another cache.")
-  out, offset = {}, 0
-  for f in fields:
-    out[f.name] = np.frombuffer(data, dtype=f.dtype, count=int(np.prod(f.shape, dtype=np.int64)),
-                                offset=offset).reshape(f.shape)
-    offset += f.nbytes
-  return out
+  """{field name: array view into data}: one frombuffer of the packed layout (the data loader's per-record path)."""
+  layout = record_dtype(tuple(fields))
+  if len(data) != layout.itemsize:
+    raise CacheError(f"cache record has {len(data)} bytes, the metadata's fields need {layout.itemsize}; the shard "
+                     "is corrupted or belongs to another cache.")
+  record = np.frombuffer(data, layout).reshape(())
+  return {name: record[name] for name in layout.names}
 
 
 # ---- image sources: himar_jax/data/images.py ------------------------------------------------------------------

@@ -43,9 +43,6 @@ class LatentCacheSource:
         raise lc.CacheError(f"latent cache shard {k}: {problem}; rerun `cache-latents` with the same config to "
                             "rewrite it.")
       paths.append(os.path.join(directory, lc.shard_name(k, n)))
-    # The record layout as one packed numpy structured dtype: decoding a record is one frombuffer plus a view per
-    # field (the same bytes lc.decode_record reads, without its per-field size arithmetic on every record).
-    self._record_dtype = np.dtype([(f.name, f.dtype, f.shape) for f in self.fields])
     self._records = grain.sources.ArrayRecordDataSource(paths)
     if len(self._records) != self.metadata["count"]:
       raise lc.CacheError(f"latent cache {directory!r} holds {len(self._records)} records, metadata.json says "
@@ -63,11 +60,7 @@ class LatentCacheSource:
     return len(self._records)
 
   def __getitem__(self, index: int) -> dict:
-    data = self._records[index]
-    if len(data) != self._record_dtype.itemsize:
-      return lc.decode_record(data, self.fields)  # raises CacheError naming both sizes
-    record = np.frombuffer(data, self._record_dtype).reshape(())
-    return {name: record[name] for name in self._record_dtype.names}
+    return lc.decode_record(self._records[index], self.fields)
 
 
 def sample_posterior(moments: np.ndarray, noise: np.ndarray) -> np.ndarray:
