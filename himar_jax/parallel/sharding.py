@@ -124,13 +124,10 @@ def shard_batch(batch, mesh: Mesh):
 
   Each process passes its local rows (global_batch / process_count); on one host this is the whole batch.
   """
-  def one(x):
-    sharding = batch_sharding(mesh, x.ndim)
-    if jax.process_count() == 1:
-      return jax.device_put(x, sharding)
-    return jax.make_array_from_process_local_data(sharding, x)
-
-  return jax.tree.map(one, batch)
+  shardings = jax.tree.map(lambda x: batch_sharding(mesh, x.ndim), batch)
+  if jax.process_count() == 1:
+    return jax.device_put(batch, shardings)  # one transfer call for the whole tree
+  return jax.tree.map(jax.make_array_from_process_local_data, shardings, batch)
 
 
 def data_parallel_size(mesh: Mesh) -> int:
