@@ -83,3 +83,16 @@ def test_fsdp_step_moves_weights_not_activations(spec):
   moved = re.findall(r"= (?:f32|bf16)\[(\d+),\d+,\d+[^\]]*\]\S* (all-reduce|all-gather)", hlo)
   assert [m_ for m_ in moved if int(m_[0]) >= gb] == []
   assert re.search(r"all-gather", hlo)  # the weights are gathered (FSDP is active)
+
+
+def test_example_major_draws_pair_with_repeated_rows_as_with_tiled_ones():
+  from himar_jax.models.himar import example_major
+
+  b, mul = 5, 3
+  x = np.arange(b * 2).reshape(b, 2)
+  draws = np.arange(mul * b * 4).reshape(mul * b, 4)  # one draw per tiled row
+  tiled_pairs = {(tuple(r), tuple(d)) for r, d in zip(np.tile(x, (mul, 1)), draws)}
+  repeated = np.repeat(x, mul, axis=0)
+  reordered = np.asarray(example_major(jnp.asarray(draws), mul))
+  assert {(tuple(r), tuple(d)) for r, d in zip(repeated, reordered)} == tiled_pairs
+  assert len(tiled_pairs) == mul * b and sorted(map(tuple, reordered)) == sorted(map(tuple, draws))
