@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from himar_jax.convert import state_dict as sd_lib
-from himar_jax.nn.layers import with_axes
+from himar_jax.nn.layers import Dropout, with_axes
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class FashionCNN(nnx.Module):
     self.conv4 = _conv(32, 32, rngs)
     self.fc1 = _dense(7 * 7 * 32, FEATURE_DIM, rngs)
     self.fc2 = _dense(FEATURE_DIM, NUM_CLASSES, rngs)
-    self.drop = nnx.Dropout(0.3)
+    self.drop = Dropout(0.3)
 
   def __call__(self, x, *, rngs: nnx.Rngs | None = None):
     """x: float (N, 28, 28, 1) in [-1, 1] -> (logits (N, 10), penultimate features (N, 128)).

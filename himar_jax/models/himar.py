@@ -33,7 +33,7 @@ from flax import nnx
 from himar_jax.diffusion.gaussian import create_diffusion
 from himar_jax.models import heads
 from himar_jax.nn.indexing import scatter_rows
-from himar_jax.nn.layers import dense, embed, layer_norm, with_axes
+from himar_jax.nn.layers import DROPOUT_RNGS, dense, dropout_bits_for, dropout_rngs, embed, layer_norm, with_axes
 from himar_jax.nn.transformer import Block, call_checkpointed, check_remat, run_blocks
 
 _normal02 = nnx.initializers.normal(0.02)
@@ -120,20 +120,6 @@ def cosine_mask_lengths(num_tokens: int, num_iter: int) -> np.ndarray:
 # The backbone: MAR (one phase) and Hi-MAR (two phases) share it
 # ----------------------------------------------------------------------------------------------------------------
 
-DROPOUT_RNGS = ("threefry", "rbg", "hash")
-
-
-def dropout_rngs(key, impl: str = "threefry") -> nnx.Rngs:
-  """The dropout stream of one training step from its (threefry) key. impl="rbg" re-keys it as an RBG key (4
-  words drawn from `key`), so the masks' bits come from XLA's RngBitGenerator instead of the threefry hash;
-  impl="hash" keeps the key and the blocks' Dropout layers hash element indices with it (nn/layers.Dropout,
-  bits="hash": no random-bit tensors at all). Each is a function of `key` alone, with different masks (the
-  official code's masks are not reproducible either way). Training-only: sampling draws no dropout."""
-  if impl == "rbg":
-    key = jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl="rbg")
-  return nnx.Rngs(dropout=key)
-
-
 class MAR(nnx.Module):
   """MAR's encoder / decoder / MLP head; `num_phases=2` gives Hi-MAR's scale-aware backbone (see HiMAR).
 
@@ -174,7 +160,7 @@ class MAR(nnx.Module):
     if dropout_rng not in DROPOUT_RNGS:
       raise ValueError(f"dropout_rng={dropout_rng!r} is not one of {DROPOUT_RNGS}.")
     self.dropout_rng = dropout_rng
-    dropout_bits = "hash" if dropout_rng == "hash" else "random"
+    dropout_bits = dropout_bits_for(dropout_rng)
     self.seq_len = prefix_tokens + num_tokens
     # The most tokens visible in MAR training; sampling uses the full length.
     self.train_capacity = num_tokens - int(math.ceil(num_tokens * mask_ratio_min))

@@ -69,6 +69,26 @@ def counter_hash_bits(key, shape) -> jax.Array:
   return _mix32(_mix32(index ^ words[0]) + words[1 % words.shape[0]])
 
 
+# How a training step turns its dropout key into the stream its Dropout layers draw from (config
+# model.dropout_rng), and the bits those layers then use. Each is a function of the step key alone, with
+# different masks (the official code's masks are not reproducible either way); sampling draws no dropout.
+#   threefry: the key as is, jax.random bits;  rbg: re-keyed as an RBG key (4 words drawn from the key), bits
+#   from XLA's RngBitGenerator;  hash: the key as is, counter-hash bits (no random-bit tensors at all).
+DROPOUT_RNGS = ("threefry", "rbg", "hash")
+
+
+def dropout_bits_for(impl: str) -> str:
+  """The Dropout `bits` that a model's layers use under model.dropout_rng = impl."""
+  return "hash" if impl == "hash" else "random"
+
+
+def dropout_rngs(key, impl: str = "threefry") -> nnx.Rngs:
+  """The dropout stream of one training step from its (threefry) key, for model.dropout_rng = impl."""
+  if impl == "rbg":
+    key = jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl="rbg")
+  return nnx.Rngs(dropout=key)
+
+
 class Dropout(nnx.Module):
   """Inverted dropout (x / keep where kept, 0 elsewhere) drawing one key from `rngs.dropout` per call, like
   nnx.Dropout; `bits` picks how the mask is made from that key (DROPOUT_BITS). Active iff deterministic is False
