@@ -3,8 +3,11 @@
 Run on a GPU machine from the repository root:
   PYTHONPATH=. python bench/attention.py --out bench/results/attention_h100.json
 Methods: ours (automatic dispatch, what callers get), ours_mosaic (Mosaic GPU forward + Triton backward),
-ours_triton (Triton-lowering forward and backward), xla_masked, cudnn_masked, cudnn_nomask. --variants adds
-forward-only timings of Mosaic GPU settings (block_k:stages:persistent). Before timing, checks both kernels
+ours_triton (Triton-lowering forward and backward), ours_triton_bwd / ours_mgpu_bwd (automatic forward + Triton /
+Mosaic GPU backward),
+xla_masked, cudnn_masked, cudnn_nomask. --variants adds forward-only timings of Mosaic GPU settings
+(block_k:stages:persistent); --bwd-variants forward+backward timings of Mosaic GPU backward settings
+(block_bwd:persistent:forward kernel). Before timing, checks both kernels
 (bfloat16) against the float32 XLA reference on fresh random inputs: output and dq, dk, dv, relative Frobenius
 error. Times are medians over repeats of back-to-back jitted calls, rotating among input sets so the L2 cache does
 not hold them; forward+backward is jax.vjp of the attention, applied to a random cotangent (all three gradients).
@@ -62,8 +65,15 @@ def methods(layout: ScaleLayout, kernel_kwargs):
   mask = jnp.asarray(layout.dense_mask())[None, None]
   return {
       "ours": lambda q, k, v: block_sparse_attention(q, k, v, layout, **kernel_kwargs),  # auto dispatch
-      "ours_mosaic": lambda q, k, v: block_sparse_attention(q, k, v, layout, gpu_kernel="mosaic", **kernel_kwargs),
-      "ours_triton": lambda q, k, v: block_sparse_attention(q, k, v, layout, gpu_kernel="triton", **kernel_kwargs),
+      "ours_mosaic": lambda q, k, v: block_sparse_attention(q, k, v, layout, gpu_kernel="mosaic",
+                                                            gpu_bwd_kernel="triton", **kernel_kwargs),
+      "ours_triton": lambda q, k, v: block_sparse_attention(q, k, v, layout, gpu_kernel="triton",
+                                                            gpu_bwd_kernel="triton", **kernel_kwargs),
+      # automatic forward with the Triton backward (the dispatch before the Mosaic GPU backward) / Mosaic backward
+      "ours_triton_bwd": lambda q, k, v: block_sparse_attention(q, k, v, layout, gpu_bwd_kernel="triton",
+                                                                **kernel_kwargs),
+      "ours_mgpu_bwd": lambda q, k, v: block_sparse_attention(q, k, v, layout, gpu_bwd_kernel="mosaic",
+                                                              **kernel_kwargs),
       "xla_masked": lambda q, k, v: xla_attention(q, k, v, mask),
       "cudnn_masked": _cudnn(layout, masked=True),
       "cudnn_nomask": _cudnn(layout, masked=False),
@@ -121,17 +131,21 @@ def check_all(args, key, kernel_kwargs):
   for size, pattern, head_dim, dtype in cases:
     layout = (ScaleLayout((1, 4, 9, 16, 25, 30, 77, 3, 200), pattern) if size == "odd"
               else ScaleLayout.from_patch_nums(SIZES[size][1], pattern))
-    for gpu_kernel in ("mosaic", "triton"):
+    for pair in args.check_kernels.split(","):
+      gpu_kernel, gpu_bwd_kernel = (None if x == "auto" else x for x in pair.split(":"))
       key, sub = jax.random.split(key)
       try:
-        errs, finite = check(layout, 2, 4, head_dim, sub, dict(kernel_kwargs, gpu_kernel=gpu_kernel), dtype)
+        errs, finite = check(layout, 2, 4, head_dim, sub, dict(kernel_kwargs, gpu_kernel=gpu_kernel,
+                                                                gpu_bwd_kernel=gpu_bwd_kernel), dtype)
       except Exception as e:  # reported, and the rest goes on
         traceback.print_exc()
         errs, finite = [f"{type(e).__name__}: {str(e)[:1500]}"], False
-      ran = block_sparse._choose_gpu_kernel(jnp.zeros((1, 1, 1, head_dim), dtype), gpu_kernel, False)
+      probe = jnp.zeros((1, layout.length, 1, head_dim), dtype)
+      ran = block_sparse._choose_gpu_kernel(probe, gpu_kernel, False)
+      ran_bwd = block_sparse._choose_gpu_bwd_kernel(probe, gpu_bwd_kernel, False, None)
       row = {"size": size, "length": layout.length, "pattern": pattern, "head_dim": head_dim,
-             "dtype": jnp.dtype(dtype).name, "gpu_kernel": ran, "rel_err_out_dq_dk_dv": errs,
-             "finite": finite}
+             "dtype": jnp.dtype(dtype).name, "gpu_kernel": ran, "gpu_bwd_kernel": ran_bwd,
+             "rel_err_out_dq_dk_dv": errs, "finite": finite}
       checks.append(row)
       print("check", json.dumps(row), flush=True)
   return checks
@@ -174,6 +188,11 @@ def main():
   parser.add_argument("--methods", default="ours_mosaic,ours_triton,xla_masked,cudnn_masked,cudnn_nomask")
   parser.add_argument("--variants", default="",
                       help="Mosaic GPU forward settings to time, block_k:stages[:persistent 0/1], e.g. 64:2,128:2:0")
+  parser.add_argument("--bwd-variants", default="",
+                      help="Mosaic GPU backward settings to time (forward+backward), block_bwd:persistent 0/1"
+                           "[:forward kernel mosaic/triton/auto], e.g. 64:1,128:0:mosaic")
+  parser.add_argument("--check-kernels", default="mosaic:triton,triton:triton,auto:mosaic",
+                      help="forward:backward GPU kernel pairs to check (mosaic / triton / auto)")
   parser.add_argument("--heads", type=int, default=16)
   parser.add_argument("--batch", type=int, default=None, help="override the per-size batch (smoke runs)")
   parser.add_argument("--head-dim", type=int, default=64)
@@ -219,6 +238,7 @@ def main():
       print("extra checks failed:", extra["error"], flush=True)
     save()
   variants = [tuple(int(x) for x in (v + ":1").split(":")[:3]) for v in args.variants.split(",") if v]
+  bwd_variants = [v for v in args.bwd_variants.split(",") if v]
   for size in args.sizes.split(","):
     batch, patch_nums = SIZES[size]
     batch = args.batch or batch
@@ -236,6 +256,13 @@ def main():
             q, k, v, layout, implementation="pallas_gpu", gpu_kernel="mosaic", block_k=bk, stages=st,
             persistent=bool(pe)), bk=block_k, st=stages, pe=persistent)
         todo.append((f"mosaic_bk{block_k}_s{stages}_{'pers' if persistent else 'grid'}", fn, False))
+      for variant in bwd_variants:
+        block_bwd, persistent, fwd_kernel = (variant.split(":") + ["auto"])[:3]
+        fn = functools.partial(lambda q, k, v, bb, pe, fk: block_sparse_attention(
+            q, k, v, layout, implementation="pallas_gpu", gpu_kernel=fk, gpu_bwd_kernel="mosaic", block_bwd=bb,
+            bwd_persistent=pe), bb=int(block_bwd), pe=bool(int(persistent)),
+            fk=None if fwd_kernel == "auto" else fwd_kernel)
+        todo.append((f"mbwd_b{block_bwd}_{'pers' if int(persistent) else 'grid'}_{fwd_kernel}", fn, True))
       for name, fn, with_bwd in todo:
         row = {"size": size, "pattern": pattern, "method": name, "batch": batch, "heads": args.heads,
                "length": layout.length, "head_dim": args.head_dim}
@@ -252,18 +279,19 @@ def main():
         print(json.dumps(row), flush=True)
         save()
   print()
-  print(f"{'size':6} {'pattern':15} {'method':16} {'fwd ms':>8} {'f+b ms':>8} {'fwd/T':>6} {'f+b/T':>6}")
+  print(f"{'size':6} {'pattern':15} {'method':24} {'fwd ms':>8} {'f+b ms':>8} {'fwd/T':>6} {'f+b/T':>6}")
   for r in rows:
     if "error" in r:
-      print(f"{r['size']:6} {r['pattern']:15} {r['method']:16} error: {r['error'][:60]}")
+      print(f"{r['size']:6} {r['pattern']:15} {r['method']:24} error: {r['error'][:60]}")
       continue
     fb = r.get("fwd_bwd_ms", float("nan"))
-    print(f"{r['size']:6} {r['pattern']:15} {r['method']:16} {r['fwd_ms']:8.3f} {fb:8.3f} "
+    print(f"{r['size']:6} {r['pattern']:15} {r['method']:24} {r['fwd_ms']:8.3f} {fb:8.3f} "
           f"{r['fwd_ms'] / r['triton_fwd_ms']:6.2f} {fb / r['triton_fwd_bwd_ms']:6.2f}")
   for c in checks:
     errs = c["rel_err_out_dq_dk_dv"]
     shown = " ".join(f"{e:.1e}" if isinstance(e, float) else str(e)[:70] for e in errs)
-    print(f"check {c['size']:6} {c['pattern']:15} d{c['head_dim']} {c['dtype']:9} {c['gpu_kernel']:7} {shown}")
+    print(f"check {c['size']:6} {c['pattern']:15} d{c['head_dim']} {c['dtype']:9} {c['gpu_kernel']:7} "
+          f"{c.get('gpu_bwd_kernel', 'triton'):7} {shown}")
   save()
   print(f"wrote {args.out}")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -304,3 +305,118 @@ def test_persistent_program_count_is_coprime_to_tiles_per_head():
   assert pallas_mgpu.persistent_programs(132, 6, 3072) == 131  # L680: 6 tile pairs per (batch, head)
   assert pallas_mgpu.persistent_programs(132, 5, 3072) == 132
   assert pallas_mgpu.persistent_programs(132, 74, 40) == 39  # fewer items than SMs
+
+
+# ---------------------------------------------------------------- Mosaic GPU (Hopper) backward: CPU checks only
+# As for the forward: lowered to Mosaic GPU MLIR on CPU; numerics (dq, dk, dv vs the float32 reference) are checked
+# on the H100 by bench/attention.py.
+
+@pytest.mark.parametrize("pattern,sizes,head_dim,block_s,programs", [("block_diagonal", VAR_SIZES, 64, 64, None),
+                                                                     ("block_causal", ODD_SIZES, 128, 128, 132)])
+def test_mosaic_gpu_backward_lowers_for_hopper(pattern, sizes, head_dim, block_s, programs):
+  layout = ScaleLayout(sizes, pattern)  # L = 680, or 85 (padded to 88 rows for TMA, plus padding tiles)
+  l_pad = layout.padded_length(128)
+  plan = plan_tiles(layout, pallas_mgpu.BLOCK_Q, block_s, l_pad)
+  dkv_plan = plan_tiles(layout, block_s, pallas_mgpu.BLOCK_Q, l_pad)
+  x = jax.ShapeDtypeStruct((2, layout.length, 3, head_dim), jnp.bfloat16)
+  lse = jax.ShapeDtypeStruct((2, 3, l_pad), jnp.float32)
+  bwd = jax.jit(lambda q, k, v, o, lse, do: pallas_mgpu.backward(q, k, v, o, lse, do, plan, scale=0.125,
+                                                                 dkv_plan=dkv_plan, programs=programs))
+  grads = jax.eval_shape(bwd, x, x, x, x, lse, x)
+  assert [(g.shape, g.dtype) for g in grads] == [(x.shape, x.dtype)] * 3
+  text = bwd.trace(x, x, x, x, lse, x).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("stablehlo.custom_call @mosaic_gpu") == 2  # the dq kernel and the dk/dv kernel
+  with pytest.raises(ValueError, match="lse shape"):
+    pallas_mgpu.backward(*[jnp.zeros(x.shape, x.dtype)] * 4, jnp.zeros((2, 3, l_pad + 128)), jnp.zeros(x.shape,
+                         x.dtype), plan, scale=0.125, dkv_plan=dkv_plan)
+  with pytest.raises(ValueError, match="64-row tiles on the row side"):
+    pallas_mgpu.backward(*[jnp.zeros(x.shape, x.dtype)] * 4, jnp.zeros(lse.shape), jnp.zeros(x.shape, x.dtype),
+                         plan_tiles(layout, 32, block_s, l_pad), scale=0.125, dkv_plan=dkv_plan)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("sizes", [VAR_SIZES, ODD_SIZES, (7, 50, 2, 33)])
+def test_key_query_ranges_are_the_dense_mask_columns(pattern, sizes):
+  layout = ScaleLayout(sizes, pattern)
+  plan = plan_tiles(layout, 64, 64, layout.padded_length(128))
+  start, end = pallas_mgpu.key_query_ranges(plan)
+  mask = layout.dense_mask(plan.l_pad)  # rows = queries, columns = keys (padding rows see the padding keys)
+  rows = np.arange(plan.l_pad)
+  np.testing.assert_array_equal((rows[None, :] >= start[:, None]) & (rows[None, :] < end[:, None]), mask.T)
+
+
+def test_mosaic_backward_table_orders_ctas_heaviest_first():
+  layout = ScaleLayout(VAR_SIZES, "block_causal")
+  plan = plan_tiles(layout, 128, 64, 768)  # dk/dv plan: 64-row key tiles, 128-row query tiles streamed
+  table = pallas_mgpu._range_table(plan.q_lo, plan.q_full_lo, plan.q_full_hi, plan.q_hi)
+  np.testing.assert_array_equal(table[:, :4], np.stack([plan.q_lo, plan.q_full_lo, plan.q_full_hi, plan.q_hi], 1))
+  order = table[::2, 6]
+  np.testing.assert_array_equal(np.sort(order), np.arange(6))  # a permutation of the CTAs
+  lengths = (table[::2, 5] - table[::2, 4])[order]
+  assert np.all(np.diff(lengths) <= 0)  # heaviest first (block-causal: the first key tiles are the heavy ones)
+  assert np.all((np.diff(lengths) < 0) | (np.diff(order) < 0))  # ties: the later CTA first
+  np.testing.assert_array_equal(order, [1, 0, 3, 2, 5, 4])
+
+
+def test_gpu_backward_kernel_dispatch(monkeypatch):
+  x = lambda length, dtype=jnp.bfloat16, head_dim=64: jnp.zeros((1, length, 1, head_dim), dtype)
+  choose = block_sparse._choose_gpu_bwd_kernel
+  monkeypatch.setattr(block_sparse, "_is_hopper", lambda: True)
+  for length in (680, 2240, 9451):  # auto: from the H100 measurements (notes, session 3)
+    want = "mosaic" if length >= block_sparse.MOSAIC_BWD_MIN_LENGTH else "triton"
+    assert choose(x(length), None, False, None) == want
+  assert choose(x(680), "mosaic", False, None) == "mosaic"
+  assert choose(x(9451), "triton", False, None) == "triton"
+  assert choose(x(9451), None, False, 32) == "triton"  # streamed tiles must be multiples of 64
+  for case in (x(9451, jnp.float32), x(9451, head_dim=32)):
+    assert choose(case, None, False, None) == "triton"
+  assert choose(x(9451), None, True, None) == "triton"  # interpret mode
+  assert block_sparse._mosaic_bwd_programs("mosaic", 680, None) == block_sparse._sm_count()
+  assert block_sparse._mosaic_bwd_programs("mosaic", 9451, False) is None
+  assert block_sparse._mosaic_bwd_programs("triton", 680, True) is None
+  monkeypatch.setattr(block_sparse, "_is_hopper", lambda: False)
+  assert choose(x(9451), None, False, None) == "triton"
+  with pytest.raises(ValueError, match="gpu_bwd_kernel='cudnn'"):
+    choose(x(680), "cudnn", False, None)
+
+
+@pytest.mark.parametrize("gpu_kernel,customs", [("triton", ("mosaic_gpu", "__gpu")), ("mosaic", ("mosaic_gpu",))])
+def test_entry_point_with_mosaic_backward_lowers_for_hopper(monkeypatch, gpu_kernel, customs):
+  # The whole custom_vjp (forward, residuals, Mosaic backward) through the entry point, as a Hopper would run it.
+  monkeypatch.setattr(block_sparse, "_is_hopper", lambda: True)
+  monkeypatch.setattr(block_sparse, "_unsupported_reason", lambda *args: None)
+  layout = ScaleLayout(VAR_SIZES, "block_diagonal")
+  x = jax.ShapeDtypeStruct((1, layout.length, 2, 64), jnp.bfloat16)
+
+  def fwd_bwd(q, k, v, do):
+    out, vjp = jax.vjp(lambda q, k, v: block_sparse_attention(q, k, v, layout, implementation="pallas_gpu",
+                                                              gpu_kernel=gpu_kernel, gpu_bwd_kernel="mosaic"),
+                       q, k, v)
+    return out, vjp(do)
+  text = jax.jit(fwd_bwd).trace(x, x, x, x).lower(lowering_platforms=("cuda",)).as_text()
+  calls = re.findall(r"stablehlo\.custom_call @([\w$.]+)", text)
+  assert sum(c.startswith("mosaic_gpu") for c in calls) == (3 if gpu_kernel == "mosaic" else 2), calls
+  assert all(c.startswith(customs) for c in calls), calls
+  cfg = block_sparse.KernelConfig("pallas_gpu", 0.125, 64, 32, 64, 4, 3, False, False, True, "triton",
+                                  gpu_bwd_kernel="mosaic")
+  forward_plan, (dq_plan, dkv_plan) = block_sparse._plans(cfg, layout)
+  assert forward_plan.l_pad == dq_plan.l_pad == dkv_plan.l_pad == 768  # the Mosaic backward's 128-row CTAs
+  assert (dq_plan.block_q, dq_plan.block_k, dkv_plan.block_q, dkv_plan.block_k) == (64, 64, 64, 64)
+
+
+def test_mosaic_backward_request_in_interpret_mode_runs_triton_with_one_logged_reason(caplog):
+  layout = ScaleLayout(ODD_SIZES, "block_causal")
+  seed = _seed()
+  q, k, v, do = _inputs(seed, layout, 1, 2, 64, jnp.float32)
+  block_sparse._logged_reasons.clear()
+  attend = lambda q, k, v: block_sparse_attention(q, k, v, layout, implementation="pallas_gpu", interpret=True,
+                                                  gpu_bwd_kernel="mosaic", block_q=32, block_k=32, block_bwd=32)
+  with caplog.at_level(logging.WARNING, logger="himar_jax.kernels.block_sparse"):
+    out, vjp = jax.vjp(attend, q, k, v)
+    grads = vjp(do)
+    attend(q, k, v)
+  reasons = [r.getMessage() for r in caplog.records if "falling back" in r.getMessage()]
+  assert len(reasons) == 1 and "Triton-lowering backward" in reasons[0] and "interpret mode" in reasons[0], reasons
+  ref_out, ref_vjp = jax.vjp(lambda q, k, v: reference_attention(q, k, v, layout), q, k, v)
+  for g, w in zip((out, *grads), (ref_out, *ref_vjp(do))):
+    assert _rel(g, w) < TOL[jnp.float32], f"seed={seed}"

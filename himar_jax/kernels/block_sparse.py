@@ -4,9 +4,10 @@ Layout (batch, length, heads, head_dim) like jax.nn.dot_product_attention; lengt
 Backends ('implementation'):
   'pallas_gpu'  Pallas GPU kernels. gpu_kernel='mosaic' (the default on Hopper, compute capability 9.x, for
                 bfloat16/float16, head_dim a multiple of 64 and L >= MOSAIC_MIN_LENGTH, where it is faster): the
-                Mosaic GPU forward in pallas_mgpu.py with the Triton backward; gpu_kernel='triton' (other GPUs,
-                float32, other head_dims, shorter layouts, interpret mode): the Triton-lowering forward and
-                backward in pallas_gpu.py
+                Mosaic GPU forward in pallas_mgpu.py; gpu_kernel='triton' (other GPUs, float32, other head_dims,
+                shorter layouts, interpret mode): the Triton-lowering forward in pallas_gpu.py. The backward is
+                chosen separately (gpu_bwd_kernel): the Mosaic GPU backward in pallas_mgpu.py or the Triton one in
+                pallas_gpu.py (auto rule at MOSAIC_BWD_MIN_LENGTH, from the H100 measurements)
   'pallas_tpu'  Pallas Mosaic TPU kernels in pallas_tpu.py
   'xla'         the dense-masked float32 reference (reference.py)
   None          'pallas_gpu' on GPU, 'pallas_tpu' on TPU, 'xla' elsewhere
@@ -52,6 +53,8 @@ class KernelConfig:
   gpu_kernel: str = "triton"
   stages: int = 2
   programs: int | None = None  # Mosaic GPU: persistent CTAs (about the SM count), or None for one CTA per item
+  gpu_bwd_kernel: str = "triton"  # 'mosaic' | 'triton': which GPU backward runs
+  bwd_programs: int | None = None  # Mosaic GPU backward: persistent CTAs, or None for one CTA per item
 
 
 def _default_blocks(backend: str, head_dim: int, length: int, gpu_kernel: str) -> tuple[int, int, int]:
@@ -132,6 +135,28 @@ MOSAIC_MIN_LENGTH = 1024
 MOSAIC_GRID_LENGTH = 4096
 
 
+# Auto dispatch of the backward on Hopper, from the H100 measurements in bench/attention_notes.md (session 3).
+MOSAIC_BWD_MIN_LENGTH = 0
+MOSAIC_BWD_GRID_LENGTH = 4096
+MOSAIC_BWD_BLOCK = 64  # streamed tile at head_dim 64 (head_dim 128: 64)
+
+
+def _choose_gpu_bwd_kernel(q, gpu_bwd_kernel: str | None, interpret, block_bwd: int | None) -> str:
+  """The backward's kernel: 'mosaic' where it runs and is faster (auto) or asked for, else 'triton'."""
+  if gpu_bwd_kernel not in (None, *GPU_KERNELS):
+    raise ValueError(f"gpu_bwd_kernel={gpu_bwd_kernel!r} is not one of {GPU_KERNELS} or None (auto).")
+  if gpu_bwd_kernel == "triton":
+    return "triton"
+  reason = _mosaic_unsupported_reason(q, interpret, _is_hopper())
+  if reason is None and block_bwd is not None and block_bwd % 64:
+    reason = f"block_bwd={block_bwd} (Mosaic GPU backward streams tiles of a multiple of 64 rows)"
+  if reason is None:
+    return "mosaic" if gpu_bwd_kernel == "mosaic" or q.shape[1] >= MOSAIC_BWD_MIN_LENGTH else "triton"
+  if gpu_bwd_kernel == "mosaic":
+    _log_once(f"Mosaic GPU backward: {reason}", fallback="the Triton-lowering backward")
+  return "triton"
+
+
 def _choose_gpu_kernel(q, gpu_kernel: str | None, interpret) -> str:
   """'mosaic' where it runs and is faster (auto) or asked for, else 'triton' (one logged reason when asked for)."""
   if gpu_kernel not in (None, *GPU_KERNELS):
@@ -151,7 +176,8 @@ def block_sparse_attention(q, k, v, layout: ScaleLayout, *, scale: float | None 
                            block_k: int | None = None, block_bwd: int | None = None, num_warps: int | None = None,
                            num_stages: int = 3, interpret: Any = False, poison_outputs: bool = False,
                            fast_exp: bool = True, gpu_kernel: str | None = None, stages: int = 2,
-                           persistent: bool | None = None):
+                           persistent: bool | None = None, gpu_bwd_kernel: str | None = None,
+                           bwd_persistent: bool | None = None):
   """Attention of (B, L, H, D) q, k, v under a scale layout; returns (B, L, H, D) in q's dtype.
 
   block_q/block_k: forward tile sizes; block_bwd: the backward's (query and key) tile size; num_warps/num_stages:
@@ -163,6 +189,10 @@ def block_sparse_attention(q, k, v, layout: ScaleLayout, *, scale: float | None 
   stages: the Mosaic GPU forward's key/value shared-memory ring depth; persistent: its grid is one CTA per SM looping
   over work items, else one CTA per 128-row query tile, batch row and head (None: persistent for L <
   MOSAIC_GRID_LENGTH).
+  gpu_bwd_kernel: 'mosaic' | 'triton' | None (auto, see _choose_gpu_bwd_kernel): the Mosaic GPU backward
+  (pallas_mgpu.backward: a dq and a dk/dv kernel, 64 rows per warpgroup, block_bwd = the streamed tile) or the
+  Triton one; bwd_persistent: the Mosaic backward's grid, as persistent (None: persistent for L <
+  MOSAIC_BWD_GRID_LENGTH).
   """
   if not isinstance(layout, ScaleLayout):
     raise TypeError(f"layout must be a ScaleLayout (got {type(layout).__name__}); build one with "
@@ -186,7 +216,11 @@ def block_sparse_attention(q, k, v, layout: ScaleLayout, *, scale: float | None 
     return reference_attention(q, k, v, layout, scale=scale)
 
   kernel = _choose_gpu_kernel(q, gpu_kernel, interpret) if implementation == "pallas_gpu" else "triton"
+  bwd_kernel = (_choose_gpu_bwd_kernel(q, gpu_bwd_kernel, interpret, block_bwd) if implementation == "pallas_gpu"
+                else "triton")
   d_q, d_k, d_bwd = _default_blocks(implementation, q.shape[-1], layout.length, kernel)
+  if bwd_kernel == "mosaic":
+    d_bwd = _mosaic_bwd_block(q.shape[-1], layout.length)
   if kernel == "mosaic" and block_q not in (None, pallas_mgpu.BLOCK_Q):
     raise ValueError(f"block_q={block_q}: the Mosaic GPU forward uses {pallas_mgpu.BLOCK_Q}-row query tiles "
                      "(pass gpu_kernel='triton' for other sizes).")
@@ -195,7 +229,8 @@ def block_sparse_attention(q, k, v, layout: ScaleLayout, *, scale: float | None 
   cfg = KernelConfig(implementation, scale, block_q or d_q, block_k or d_k, block_bwd or d_bwd,
                      num_warps or 4, num_stages, interpret, poison_outputs,
                      fast_exp and q.dtype == jnp.bfloat16, kernel, stages,
-                     _mosaic_programs(kernel, layout.length, persistent))
+                     _mosaic_programs(kernel, layout.length, persistent), bwd_kernel,
+                     _mosaic_bwd_programs(bwd_kernel, layout.length, bwd_persistent))
   for name in ("block_q", "block_k", "block_bwd"):
     size = getattr(cfg, name)
     if size < 8 or size & (size - 1):
@@ -203,12 +238,34 @@ def block_sparse_attention(q, k, v, layout: ScaleLayout, *, scale: float | None 
   return _attend(q, k, v, cfg, layout)
 
 
+def _mosaic_bwd_block(head_dim: int, length: int) -> int:
+  """Streamed tile of the Mosaic GPU backward (keys in the dq kernel, queries in the dk/dv kernel)."""
+  return MOSAIC_BWD_BLOCK if head_dim <= 64 else 64
+
+
+def _mosaic_bwd_programs(kernel: str, length: int, persistent: bool | None) -> int | None:
+  if kernel != "mosaic":
+    return None
+  persistent = length < MOSAIC_BWD_GRID_LENGTH if persistent is None else persistent
+  return _sm_count() if persistent else None
+
+
 def _plans(cfg: KernelConfig, layout: ScaleLayout):
-  """Forward and backward tile plans over one padded length (a multiple of every tile size)."""
+  """Forward and backward tile plans over one padded length (a multiple of every tile size).
+
+  The backward's is one plan (Triton: block_bwd x block_bwd tiles) or, for the Mosaic GPU backward, a pair: the dq
+  plan (64-row query tiles, block_bwd keys) and the dk/dv plan (block_bwd queries, 64-row key tiles).
+  """
+  mosaic_rows = pallas_mgpu.CONSUMERS * pallas_mgpu.BLOCK_Q
   rows_per_program = cfg.block_q * (pallas_mgpu.CONSUMERS if cfg.gpu_kernel == "mosaic" else 1)
+  if cfg.gpu_bwd_kernel == "mosaic":
+    rows_per_program = math.lcm(rows_per_program, mosaic_rows)
   l_pad = layout.padded_length(math.lcm(rows_per_program, cfg.block_k, cfg.block_bwd))
-  return (plan_tiles(layout, cfg.block_q, cfg.block_k, l_pad),
-          plan_tiles(layout, cfg.block_bwd, cfg.block_bwd, l_pad))
+  forward_plan = plan_tiles(layout, cfg.block_q, cfg.block_k, l_pad)
+  if cfg.gpu_bwd_kernel == "mosaic":
+    return forward_plan, (plan_tiles(layout, pallas_mgpu.BLOCK_Q, cfg.block_bwd, l_pad),
+                          plan_tiles(layout, cfg.block_bwd, pallas_mgpu.BLOCK_Q, l_pad))
+  return forward_plan, plan_tiles(layout, cfg.block_bwd, cfg.block_bwd, l_pad)
 
 
 def _to_tpu(x, l_pad):
@@ -245,6 +302,10 @@ def _attend_fwd(q, k, v, cfg, layout):
 def _attend_bwd(cfg, layout, residuals, d_out):
   q, k, v, out, lse = residuals
   _, plan = _plans(cfg, layout)
+  if cfg.backend == "pallas_gpu" and cfg.gpu_bwd_kernel == "mosaic":
+    dq_plan, dkv_plan = plan
+    return pallas_mgpu.backward(q, k, v, out, lse, d_out, dq_plan, scale=cfg.scale, dkv_plan=dkv_plan,
+                                stages=cfg.stages, programs=cfg.bwd_programs)
   if cfg.backend == "pallas_gpu":
     return tuple(pallas_gpu.backward(q, k, v, out, lse, d_out, plan, scale=cfg.scale, num_warps=cfg.num_warps,
                                      num_stages=cfg.num_stages, interpret=bool(cfg.interpret),

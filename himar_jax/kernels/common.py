@@ -23,6 +23,12 @@ def row_mask(rows_start, rows_end, col0, block_k):
   return (cols >= rows_start) & (cols < rows_end)
 
 
+def softmax_bwd_delta(out, do, l_pad: int):
+  """delta_r = sum_d do * o (the softmax backward's row term), float32 (B, H, l_pad), zero on padding rows."""
+  delta = jnp.einsum("blhd,blhd->bhl", do.astype(jnp.float32), out.astype(jnp.float32))
+  return jnp.pad(delta, [(0, 0), (0, 0), (0, l_pad - delta.shape[-1])])
+
+
 def out_struct(shape, dtype, like) -> jax.ShapeDtypeStruct:
   """Output shape carrying `like`'s manual-axis (vma) type, which pallas_call needs inside shard_map."""
   mat = getattr(jax.typeof(like), "mat", None)

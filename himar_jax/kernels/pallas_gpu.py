@@ -23,7 +23,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from himar_jax.kernels.common import MASK_VALUE, NT, TN, dot, out_struct, row_mask
+from himar_jax.kernels.common import MASK_VALUE, NT, TN, dot, out_struct, row_mask, softmax_bwd_delta
 from himar_jax.kernels.layout import TilePlan
 
 LOG2E = math.log2(math.e)
@@ -227,9 +227,7 @@ def backward(q, k, v, out, lse, do, plan: TilePlan, *, scale: float, num_warps: 
   if plan.block_q != plan.block_k:
     raise ValueError(f"backward needs block_q == block_k, got {plan.block_q} and {plan.block_k}.")
   block, l_pad = plan.block_q, plan.l_pad
-  # delta_r = sum_d do * o (the softmax-backward row term), in float32, in XLA: one cheap pass.
-  delta = jnp.einsum("blhd,blhd->bhl", do.astype(jnp.float32), out.astype(jnp.float32))
-  delta = jnp.pad(delta, [(0, 0), (0, 0), (0, l_pad - length)])
+  delta = softmax_bwd_delta(out, do, l_pad)  # in XLA: one cheap pass
   spec = _full_spec(length, head_dim)
   stat_spec = pl.BlockSpec((None, None, l_pad), lambda t, b, h: (b, h, 0))
   kernel = functools.partial(_bwd_kernel, qk_scale=scale * LOG2E, scale=scale, block=block, length=length)

@@ -1,40 +1,46 @@
-"""Block-sparse attention forward on Hopper: a Pallas Mosaic GPU kernel (wgmma, TMA, warp specialization).
+"""Block-sparse attention on Hopper: Pallas Mosaic GPU kernels (wgmma, TMA, warp specialization), forward and backward.
 
 Structure adapted from JAX's FlashAttention-3 example `jax/experimental/pallas/ops/gpu/attention_mgpu.py`
-(Copyright 2024 The JAX Authors, Apache License 2.0): one CTA holds two consumer warpgroups (64 query rows each,
-wgmma from shared memory, softmax in registers, "ping-pong" scheduled through a shared barrier so that one
+(Copyright 2024 The JAX Authors, Apache License 2.0): forward: one CTA holds two consumer warpgroups (64 query rows
+each, wgmma from shared memory, softmax in registers, "ping-pong" scheduled through a shared barrier so that one
 warpgroup's softmax overlaps the other's matmuls) and one producer warpgroup that streams key and value tiles
-into a ring of `stages` shared-memory slots by TMA.
+into a ring of `stages` shared-memory slots by TMA. Backward: as that file's `_attention_bwd`, a dq kernel (rows =
+query tiles, key/value tiles streamed) and a dk/dv kernel (rows = key tiles, query / dO / lse / delta streamed),
+here with the same two-consumer + producer CTA as our forward (no ping-pong barrier).
 
-What is ours: the key loop of a CTA runs over the tile range of its two query tiles only (a per-query-tile table
-from layout.plan_tiles, read as scalars from global memory, kv_lo .. kv_hi), split per warpgroup into
+What is ours: the streamed loop of a CTA runs over the tile range of its two row tiles only (a per-tile table
+from layout.plan_tiles, read as scalars from global memory, kv_lo .. kv_hi; q_lo .. q_hi for dk/dv), split per
+warpgroup into
   skip  steps of the CTA's range outside the warpgroup's own range (it only keeps the barriers in step),
-  masked  steps at the range's ends (per-row [row_start, row_end) masks, rows loaded by TMA),
+  masked  steps at the range's ends (per-row [row_start, row_end) masks, rows loaded by TMA; for dk/dv the range of
+          queries that see each key, key_query_ranges),
   full  steps where every row sees every key (no mask).
-Tiles outside the range are never loaded. Work items (a pair of query tiles of one batch row and head) run
-heaviest tile first, either one CTA each or on persistent CTAs that loop over items (the producer then prefetches
-the next item's keys while the consumers finish; ring slots and barrier phases continue across items). Tensors
+Tiles outside the range are never loaded. Work items (a pair of 64-row tiles of one batch row and head) run
+heaviest first, either one CTA each or on persistent CTAs that loop over items (the producer then prefetches
+the next item's tiles while the consumers finish; ring slots and barrier phases continue across items). Tensors
 stay (batch, length, heads, head_dim), unpadded when L is a multiple of 8 (else padded by < 8 rows, a copy:
 Mosaic's TMA tiling needs it): TMA fills rows past L with zeros on load and drops them on store. Logits are in
-base 2 (scaled by scale * log2(e)) and lse = m + log2(l) is stored in those units, as the Triton backward expects.
+base 2 (scaled by scale * log2(e)) and lse = m + log2(l) is stored in those units (both backwards expect that).
+The backward's exponentials are float32 (bf16 ones doubled the gradient error; bench/attention_notes.md).
 
-Forward only; the backward of this path is the Triton kernel in pallas_gpu.py (see bench/attention_notes.md).
 Runs only on a Hopper GPU: jax 0.10.2's Mosaic GPU interpret mode has no rules for run_state / layout_cast (and
-JAX's own FA3 example, shimmed around those, deadlocked in it), so on CPU the tests lower this kernel to Mosaic GPU
-MLIR (catching trace, layout and TMA-shape errors) and test the dispatch around it.
+JAX's own FA3 example, shimmed around those, deadlocked in it), so on CPU the tests lower these kernels to Mosaic
+GPU MLIR (catching trace, layout and TMA-shape errors) and test the dispatch around them; bench/attention.py checks
+their numbers on the H100.
 """
 from __future__ import annotations
 
-import functools
+import dataclasses
 import inspect
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from himar_jax.kernels.common import out_struct
+from himar_jax.kernels.common import out_struct, softmax_bwd_delta
 from himar_jax.kernels.layout import TilePlan
 
 try:  # Mosaic GPU ships with jax, but keep this module importable where a jax build lacks it.
@@ -66,11 +72,22 @@ def tile_table(plan: TilePlan) -> np.ndarray:
   if plan.block_q != BLOCK_Q or plan.l_pad % (CONSUMERS * BLOCK_Q):
     raise ValueError(f"Mosaic GPU forward needs block_q={BLOCK_Q} and l_pad a multiple of {CONSUMERS * BLOCK_Q}, "
                      f"got block_q={plan.block_q}, l_pad={plan.l_pad}.")
-  n_tiles = plan.l_pad // BLOCK_Q
-  cta_lo = np.repeat(plan.kv_lo.reshape(-1, CONSUMERS).min(1), CONSUMERS)
-  cta_hi = np.repeat(plan.kv_hi.reshape(-1, CONSUMERS).max(1), CONSUMERS)
-  zero = np.zeros(n_tiles, np.int32)
-  cols = (plan.kv_lo, plan.kv_full_lo, plan.kv_full_hi, plan.kv_hi, cta_lo, cta_hi, zero, zero)
+  return _range_table(plan.kv_lo, plan.kv_full_lo, plan.kv_full_hi, plan.kv_hi)
+
+
+def _range_table(lo, full_lo, full_hi, hi) -> np.ndarray:
+  """(n_tiles, TABLE_COLS) int32 per 64-row tile: its streamed-tile range [lo, hi) with the unmasked [full_lo,
+  full_hi) inside, its CTA's union range, and in column 6 of row 2r the CTA of rank r, heaviest (longest union) first
+  (ties: the later CTA first). The forward orders CTAs itself (last first) and ignores column 6."""
+  cta_lo = lo.reshape(-1, CONSUMERS).min(1)
+  cta_hi = hi.reshape(-1, CONSUMERS).max(1)
+  n_cta = cta_lo.shape[0]
+  order = np.lexsort((-np.arange(n_cta), -(cta_hi - cta_lo)))  # by length descending, then index descending
+  rank_col = np.zeros((n_cta, CONSUMERS), np.int64)
+  rank_col[:, 0] = order
+  zero = np.zeros(lo.shape[0], np.int64)
+  cols = (lo, full_lo, full_hi, hi, np.repeat(cta_lo, CONSUMERS), np.repeat(cta_hi, CONSUMERS),
+          rank_col.reshape(-1), zero)
   return np.stack(cols, axis=1).astype(np.int32)
 
 
@@ -319,3 +336,322 @@ def forward(q, k, v, plan: TilePlan, *, scale: float, stages: int = 2, consumer_
       compiler_params=plgpu.CompilerParams(approx_math=True),
   )(q, k, v, row_start, row_end, table)
   return out, lse
+
+
+# ---------------------------------------------------------------- backward: a dq kernel and a dk/dv kernel
+
+
+def key_query_ranges(plan: TilePlan) -> tuple[np.ndarray, np.ndarray]:
+  """Per key row j (l_pad of them), the query rows [start, end) that see it, as int32 arrays.
+
+  Row i sees key j iff row_start[i] <= j < row_end[i]; both ends are non-decreasing in i, so those rows are the
+  range from the first i with row_end[i] > j to the first i with row_start[i] > j (the dk/dv kernel's mask rows).
+  """
+  keys = np.arange(plan.l_pad)
+  start = np.searchsorted(plan.row_end, keys, side="right")
+  end = np.searchsorted(plan.row_start, keys, side="right")
+  return start.astype(np.int32), end.astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Operand:
+  """A global array copied to shared memory by TMA, in 64-row tiles (row side) or streamed tiles.
+
+  kind: 'bld' a (B, L, H, D) array (rows of one batch row and head), 'bhl' a (B, H, L) float32 row statistic, 'l' an
+  (L,) int32 per-row vector. group (streamed operands): which "done" barrier releases its ring slot.
+  """
+  kind: str
+  dtype: Any
+  head_dim: int = 0
+  group: int = 0
+
+
+def _rows_of(operand: _Operand, ref, b, h, start, size):
+  rows = pl.ds(start, size)
+  if operand.kind == "bld":
+    return ref.at[b, rows, h]
+  if operand.kind == "bhl":
+    return ref.at[b, h, rows]
+  return ref.at[rows]
+
+
+def _smem(operand: _Operand, lead: int, size: int):
+  if operand.kind == "bld":
+    swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    return plgpu.SMEM((lead, size, operand.head_dim), operand.dtype, transforms=swizzled)
+  return plgpu.SMEM((lead, size), operand.dtype)
+
+
+def _streamed_call(*, row_ops, stream_ops, n_groups, table, block_s, batch, heads, stages, programs, init, step,
+                   finish, out_type, inputs, consumer_registers):
+  """One warp-specialized Mosaic GPU kernel over (64-row tile pair, head, batch) work items.
+
+  Each CTA: two consumer warpgroups, one 64-row tile each (row operands loaded once per item), and a producer
+  warpgroup streaming the CTA's union range [cta_lo, cta_hi) of block_s-row tiles of the stream operands through a
+  `stages`-slot ring (table rows from _range_table). A consumer runs skip / masked / full / masked / skip steps as
+  in the forward; skip steps only wait the ready barriers and release the slot (every barrier phase is passed by
+  every warpgroup, in order). Callbacks, traced in the consumer:
+    init(row_smem) -> (ctx, carry); step(masked, step, ctx, row_smem, slot_smem, ready, done, carry) -> carry
+    (it waits the slot's ready barriers and arrives its done barriers itself); finish(row_smem, ctx, carry) ->
+    [(smem, output index)] written back as 64-row tiles of (B, L, H, D) outputs.
+  inputs: the row operands' arrays, the stream operands' arrays, then the table is appended here.
+  """
+  n_row = len(row_ops)
+  n_tiles = table.shape[0]
+  n_cta = n_tiles // CONSUMERS
+  n_items = n_cta * heads * batch
+  n_programs = n_items if programs is None else persistent_programs(programs, n_cta, n_items)
+  n_in = len(inputs) + 1
+
+  def kernel(refs, row_smem, stream_smem, row_ready, stream_ready, done):
+    row_refs, stream_refs = refs[:n_row], refs[n_row:n_in - 1]
+    tab_ref, out_refs = refs[n_in - 1], refs[n_in:]
+    program = lax.axis_index("program")
+    wg = lax.axis_index("wg")
+    my_items = lax.div(jnp.int32(n_items) - program + (n_programs - 1), jnp.int32(n_programs))
+
+    def item_range(item):
+      """Item -> (head, batch, first tile, union range); CTAs of one (batch, head) fastest, heaviest first."""
+      rank = lax.rem(item, jnp.int32(n_cta))
+      bh = lax.div(item, jnp.int32(n_cta))
+      first = CONSUMERS * tab_ref[CONSUMERS * rank, 6]
+      return lax.rem(bh, jnp.int32(heads)), lax.div(bh, jnp.int32(heads)), first, tab_ref[first, 4], tab_ref[first, 5]
+
+    @pl.when(wg < CONSUMERS)
+    def _consumer():
+      plgpu.set_max_registers(consumer_registers, action="increase")
+      mine = tuple(s.at[wg] for s in row_smem)
+
+      def run_item(n, step_base):
+        h, b, first, cta_lo, cta_hi = item_range(program + n * n_programs)
+        tile = first + wg
+        row0 = tile * BLOCK_Q
+        for op, ref, smem, bar in zip(row_ops, row_refs, mine, row_ready):
+          plgpu.copy_gmem_to_smem(_rows_of(op, ref, b, h, row0, BLOCK_Q), smem, bar.at[wg])
+        lo, full_lo, full_hi, hi = (tab_ref[tile, c] for c in range(4))
+        for bar in row_ready:
+          plgpu.barrier_wait(bar.at[wg])
+        ctx, carry = init(mine)
+
+        def slot_of(s):
+          return lax.rem(step_base + s - cta_lo, jnp.int32(stages))
+
+        def skip_step(s, c):
+          slot = slot_of(s)
+          for bar in stream_ready:
+            plgpu.barrier_wait(bar.at[slot])
+          for bar in done:
+            plgpu.barrier_arrive(bar.at[slot])
+          return c
+
+        def body(masked):
+          def run(s, c):
+            slot = slot_of(s)
+            return step(masked, s, ctx, mine, tuple(x.at[slot] for x in stream_smem),
+                        tuple(x.at[slot] for x in stream_ready), tuple(x.at[slot] for x in done), c)
+          return run
+
+        lax.fori_loop(cta_lo, lo, skip_step, None)
+        carry = lax.fori_loop(lo, full_lo, body(True), carry)
+        carry = lax.fori_loop(full_lo, full_hi, body(False), carry)
+        carry = lax.fori_loop(full_hi, hi, body(True), carry)
+        lax.fori_loop(hi, cta_hi, skip_step, None)
+        stores = finish(mine, ctx, carry)
+        plgpu.commit_smem()
+        for smem, index in stores:
+          plgpu.copy_smem_to_gmem(smem, out_refs[index].at[b, pl.ds(row0, BLOCK_Q), h])
+        plgpu.wait_smem_to_gmem(0)  # the row buffers are reused by the next item
+        return step_base + (cta_hi - cta_lo)
+
+      lax.fori_loop(0, my_items, run_item, jnp.int32(0))
+
+    @pl.when(wg == CONSUMERS)
+    def _producer():
+      plgpu.set_max_registers(40, action="decrease")
+
+      def run_item(n, step_base):
+        h, b, _, cta_lo, cta_hi = item_range(program + n * n_programs)
+
+        @pl.loop(cta_lo, cta_hi)
+        def _load(s):
+          count = step_base + s - cta_lo  # steps issued by this program before this one
+          slot = lax.rem(count, jnp.int32(stages))
+          for group in range(n_groups):
+            @pl.when(count >= stages)  # the slot held step count - stages: wait until both consumers are done
+            def _():
+              plgpu.barrier_wait(done[group].at[slot])
+            for op, ref, smem, bar in zip(stream_ops, stream_refs, stream_smem, stream_ready):
+              if op.group == group:
+                plgpu.copy_gmem_to_smem(_rows_of(op, ref, b, h, s * block_s, block_s), smem.at[slot], bar.at[slot])
+        return step_base + (cta_hi - cta_lo)
+
+      lax.fori_loop(0, my_items, run_item, jnp.int32(0))
+
+  def entry(*refs):
+    smem = (tuple(_smem(op, CONSUMERS, BLOCK_Q) for op in row_ops),
+            tuple(_smem(op, stages, block_s) for op in stream_ops))
+    barriers = (tuple(plgpu.Barrier(num_barriers=CONSUMERS) for _ in row_ops),
+                tuple(plgpu.Barrier(num_barriers=stages) for _ in stream_ops),
+                tuple(plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages) for _ in range(n_groups)))
+    pl.run_scoped(lambda smem, bars: kernel(refs, *smem, *bars), smem, barriers, collective_axes="wg")
+
+  return plgpu.kernel(
+      entry,
+      out_type=out_type,
+      grid=(n_programs,),
+      grid_names=("program",),
+      num_threads=CONSUMERS + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+  )(*inputs, jnp.asarray(table))
+
+
+def _zeros(shape):
+  return plgpu.layout_cast(jnp.full(shape, 0, jnp.float32), plgpu.Layout.WGMMA)
+
+
+def _inside(rows_start, rows_end, col0, shape):
+  """Mask of columns col0 + [0, shape[1]) inside each row's [start, end) (per-row vectors in WGMMA.reduce(1))."""
+  cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA) + col0
+  return ((cols >= lax.broadcast_in_dim(rows_start, shape, [0]))
+          & (cols < lax.broadcast_in_dim(rows_end, shape, [0])))
+
+
+def backward(q, k, v, out, lse, do, plan: TilePlan, *, scale: float, dkv_plan: TilePlan | None = None,
+             stages: int = 2, programs: int | None = None, consumer_registers: int = 232):
+  """Gradients (dq, dk, dv), each (B, L, H, D), of the block-sparse attention whose forward gave out and lse.
+
+  lse: (B, H, l_pad) float32 in base 2 (logits scaled by scale * log2(e)), as both forwards store it.
+  plan: its kv ranges drive the dq kernel (64-row query tiles, key tiles of plan.block_k streamed); dkv_plan
+  (default plan): its q ranges drive the dk/dv kernel (64-row key tiles, query tiles of dkv_plan.block_q streamed).
+  Exponentials are float32 (bf16 ones doubled the gradient error: bench/attention_notes.md). programs: as forward.
+  """
+  if plgpu is None:
+    raise RuntimeError("jax.experimental.pallas.mosaic_gpu is not available in this jax build.")
+  dkv_plan = plan if dkv_plan is None else dkv_plan
+  batch, length, heads, head_dim = q.shape
+  if (plan.block_q != BLOCK_Q or dkv_plan.block_k != BLOCK_Q or plan.l_pad != dkv_plan.l_pad
+      or plan.l_pad % (CONSUMERS * BLOCK_Q)):
+    raise ValueError(f"Mosaic GPU backward needs {BLOCK_Q}-row tiles on the row side and one l_pad, a multiple "
+                     f"of {CONSUMERS * BLOCK_Q}: plan "
+                     f"block_q={plan.block_q}, dkv_plan block_k={dkv_plan.block_k}, l_pad {plan.l_pad} / "
+                     f"{dkv_plan.l_pad}.")
+  if plan.block_k % 64 or dkv_plan.block_q % 64 or head_dim % 64:
+    raise ValueError(f"Mosaic GPU backward needs streamed tiles and head_dim multiples of 64, got "
+                     f"{plan.block_k}, {dkv_plan.block_q}, {head_dim}.")
+  if stages < 2:
+    raise ValueError(f"stages={stages} must be >= 2.")
+  l_pad = plan.l_pad
+  if lse.shape != (batch, heads, l_pad):
+    raise ValueError(f"lse shape {lse.shape} != {(batch, heads, l_pad)} (the forward must use the same l_pad).")
+  delta = softmax_bwd_delta(out, do, l_pad)
+  if length % ROW_ALIGN:  # TMA tiling needs a multiple of 8 rows (as in the forward): pad by < 8, slice after
+    pad = [(0, 0), (0, ROW_ALIGN - length % ROW_ALIGN), (0, 0), (0, 0)]
+    q, k, v, do = (jnp.pad(x, pad) for x in (q, k, v, do))
+  dtype = q.dtype
+  qk_scale = scale * LOG2E
+  reduce_rows, reduce_cols = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
+  tile = lambda op: _Operand("bld", dtype, head_dim, op)
+  stat = lambda group=0: _Operand("bhl", jnp.float32, group=group)
+  vector = _Operand("l", jnp.int32)
+  common = dict(batch=batch, heads=heads, stages=stages, programs=programs, consumer_registers=consumer_registers)
+
+  # dq: rows = 64 queries; streamed = key/value tiles of bk; group 0 releases k, group 1 v.
+  bk = plan.block_k
+
+  def dq_init(mine):
+    _, _, lse_s, delta_s, rs_s, re_s = mine
+    ctx = tuple(_load_vector(x, reduce_rows) for x in (lse_s, delta_s, rs_s, re_s))
+    return ctx, _zeros((BLOCK_Q, head_dim))
+
+  def dq_step(masked, s, ctx, mine, slot_smem, ready, done, dq):
+    q_s, do_s = mine[:2]
+    k_s, v_s = slot_smem
+    lse_r, delta_r, rows_start, rows_end = ctx
+    plgpu.barrier_wait(ready[0])
+    plgpu.barrier_wait(ready[1])
+
+    def logits_and_dp(refs):
+      s_ref, dp_ref = refs
+      plgpu.wgmma(s_ref, q_s, plgpu.transpose_ref(k_s, (1, 0)))
+      plgpu.wgmma(dp_ref, do_s, plgpu.transpose_ref(v_s, (1, 0)))
+    shape = (BLOCK_Q, bk)
+    logits, dp = pl.run_state(logits_and_dp)((plgpu.ACC.init(_zeros(shape)), plgpu.ACC.init(_zeros(shape))))
+    plgpu.barrier_arrive(done[1])  # v no longer needed
+    logits = logits * qk_scale - lax.broadcast_in_dim(lse_r, shape, [0])
+    if masked:
+      logits = jnp.where(_inside(rows_start, rows_end, s * bk, shape), logits, -jnp.inf)
+    p = jnp.exp2(logits)
+    ds = p * (dp - lax.broadcast_in_dim(delta_r, shape, [0]))
+
+    def accumulate(acc_ref):
+      plgpu.wgmma(acc_ref, ds.astype(dtype), k_s)
+    dq = pl.run_state(accumulate)(plgpu.ACC.init(dq))
+    plgpu.barrier_arrive(done[0])
+    return dq
+
+  def dq_finish(mine, ctx, dq):
+    mine[0][...] = (dq * scale).astype(dtype)  # q's buffer holds dq for the store
+    return [(mine[0], 0)]
+
+  dq = _streamed_call(
+      row_ops=(tile(0), tile(0), stat(), stat(), vector, vector), stream_ops=(tile(0), tile(1)), n_groups=2,
+      table=_range_table(plan.kv_lo, plan.kv_full_lo, plan.kv_full_hi, plan.kv_hi), block_s=bk,
+      init=dq_init, step=dq_step, finish=dq_finish, out_type=[out_struct(q.shape, dtype, q)],
+      inputs=[q, do, lse, delta, jnp.asarray(plan.row_start), jnp.asarray(plan.row_end), k, v], **common)[0]
+
+  # dk, dv: rows = 64 keys; streamed = query tiles of bq with their lse and delta (group 0) and do (group 1).
+  bq = dkv_plan.block_q
+  key_start, key_end = key_query_ranges(dkv_plan)
+
+  def dkv_init(mine):
+    ctx = tuple(_load_vector(x, reduce_rows) for x in mine[2:4])
+    return ctx, (_zeros((BLOCK_Q, head_dim)), _zeros((BLOCK_Q, head_dim)))
+
+  def dkv_step(masked, s, ctx, mine, slot_smem, ready, done, carry):
+    dk, dv = carry
+    k_s, v_s = mine[:2]
+    q_s, lse_s, delta_s, do_s = slot_smem
+    keys_start, keys_end = ctx
+    shape = (BLOCK_Q, bq)
+    plgpu.barrier_wait(ready[0])
+    plgpu.barrier_wait(ready[1])
+
+    def transposed_logits(acc_ref):
+      plgpu.wgmma(acc_ref, k_s, plgpu.transpose_ref(q_s, (1, 0)))
+      return acc_ref[...]
+    logits = pl.run_scoped(transposed_logits, plgpu.ACC(shape, jnp.float32))
+    logits = logits * qk_scale - lax.broadcast_in_dim(_load_vector(lse_s, reduce_cols), shape, [1])
+    if masked:
+      logits = jnp.where(_inside(keys_start, keys_end, s * bq, shape), logits, -jnp.inf)
+    p_t = jnp.exp2(logits)
+    plgpu.barrier_wait(ready[3])
+
+    def dv_and_dp(refs):
+      dv_ref, dp_ref = refs
+      plgpu.wgmma(dv_ref, p_t.astype(dtype), do_s)
+      plgpu.wgmma(dp_ref, v_s, plgpu.transpose_ref(do_s, (1, 0)))
+    dv, dp_t = pl.run_state(dv_and_dp)((plgpu.ACC.init(dv), plgpu.ACC.init(_zeros(shape))))
+    plgpu.barrier_arrive(done[1])  # do no longer needed
+    plgpu.barrier_wait(ready[2])
+    ds_t = p_t * (dp_t - lax.broadcast_in_dim(_load_vector(delta_s, reduce_cols), shape, [1]))
+
+    def accumulate(acc_ref):
+      plgpu.wgmma(acc_ref, ds_t.astype(dtype), q_s)
+    dk = pl.run_state(accumulate)(plgpu.ACC.init(dk))
+    plgpu.barrier_arrive(done[0])
+    return dk, dv
+
+  def dkv_finish(mine, ctx, carry):
+    dk, dv = carry
+    mine[0][...] = (dk * scale).astype(dtype)  # k's and v's buffers hold dk and dv for the store
+    mine[1][...] = dv.astype(dtype)
+    return [(mine[0], 0), (mine[1], 1)]
+
+  dk, dv = _streamed_call(
+      row_ops=(tile(0), tile(0), vector, vector), stream_ops=(tile(0), stat(0), stat(0), tile(1)), n_groups=2,
+      table=_range_table(dkv_plan.q_lo, dkv_plan.q_full_lo, dkv_plan.q_full_hi, dkv_plan.q_hi), block_s=bq,
+      init=dkv_init, step=dkv_step, finish=dkv_finish,
+      out_type=[out_struct(k.shape, dtype, k), out_struct(v.shape, dtype, v)],
+      inputs=[k, v, jnp.asarray(key_start), jnp.asarray(key_end), q, lse, delta, do], **common)
+  return dq[:, :length], dk[:, :length], dv[:, :length]
