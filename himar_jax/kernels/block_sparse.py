@@ -136,7 +136,7 @@ MOSAIC_GRID_LENGTH = 4096
 
 
 # Auto dispatch of the backward on Hopper, from the H100 measurements in bench/attention_notes.md (session 3).
-MOSAIC_BWD_MIN_LENGTH = 0
+MOSAIC_BWD_MIN_LENGTH = 1 << 30  # until measured: auto keeps the Triton backward
 MOSAIC_BWD_GRID_LENGTH = 4096
 MOSAIC_BWD_BLOCK = 64  # streamed tile at head_dim 64 (head_dim 128: 64)
 
