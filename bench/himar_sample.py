@@ -5,7 +5,8 @@
 Random weights (speed does not depend on them), the variant's published sampling settings unless overridden
 (Hi-MAR-B: 32 low-resolution steps (4 x lowres_grid), num_iter=4 dense steps, cfg 2.5, re_cfg 2.7, linear
 schedule, 100 MLP-head and 250 DiT-head diffusion steps, temperature 1.0). One jitted program per batch shape
-(the whole sampler is lax control flow); the first call compiles and is timed separately.
+(the whole sampler is lax control flow); the first call compiles and is timed separately. --profile=DIR traces one
+more batch and prints the device time per kernel (per batch).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench import trace_summary  # noqa: E402
 from bench.report import report  # noqa: E402
 from configs.himar import get_config  # noqa: E402
 from himar_jax import models  # noqa: E402
@@ -36,6 +38,8 @@ def main():
   p.add_argument("--mlp_steps", default=None, help="MLP-head diffusion steps, e.g. 100")
   p.add_argument("--preset", default="published", help="config.model.sampling_preset: published | fast (DDIM, "
                  "25 DiT-head steps; never the headline number)")
+  p.add_argument("--profile", default=None, help="trace one more batch into this log_dir and print where the "
+                 "device time goes (bench/trace_summary.py; kernels annotated when XLA_FLAGS has --xla_dump_to)")
   p.add_argument("--out", default=None)
   args = p.parse_args()
 
@@ -69,6 +73,9 @@ def main():
     times.append(time.perf_counter() - t0)
   batch_s = float(np.median(times))
   stats = jax.devices()[0].memory_stats() or {}
+  if args.profile:
+    trace_summary.profile_calls(lambda: jax.block_until_ready(sample(state, labels, keys)), args.profile, calls=1,
+                                module="jit_sample")
   result = {
       "command": "PYTHONPATH=. python " + " ".join(sys.argv),
       "device": jax.devices()[0].device_kind, "jax": jax.__version__, "variant": args.variant,

@@ -105,17 +105,11 @@ def main():
   step_s = (time.perf_counter() - t0) / args.steps
   stats = jax.devices()[0].memory_stats() or {}
   if args.profile:
-    with jax.profiler.trace(args.profile):
-      for _ in range(3):
-        state, metrics = compiled(state, batch)
+    def run_step():
+      nonlocal state
+      state, _ = compiled(state, batch)
       jax.block_until_ready(state)
-    summary = trace_summary.summarize(trace_summary.newest_trace(args.profile), steps=3)
-    dump = trace_summary.hlo_dump_of("jit_step_fn")  # when XLA_FLAGS has --xla_dump_to
-    if dump:
-      trace_summary.annotate(summary, trace_summary.read_text(dump))
-    trace_summary.print_summary(summary, file=sys.stderr)
-    with open(os.path.join(args.profile, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=1)
+    trace_summary.profile_calls(run_step, args.profile, calls=3, module="jit_step_fn")
   n_dev = mesh.devices.size
   analytic = train_flops_per_image(config)
   analytic_tflops = analytic["train"] * args.batch / step_s / 1e12 / n_dev

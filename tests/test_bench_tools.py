@@ -35,6 +35,21 @@ def test_summary_sums_device_kernels_per_step_and_kind(tmp_path):
   assert top["hlo_op"] == "sm90_xmma_gemm_bf16bf16_bf16f32_op"
 
 
+def test_profile_calls_traces_each_call_and_writes_the_summary(tmp_path):
+  """A real jax.profiler trace of 2 calls, summarised per call; on the CPU the ops are host events."""
+  import jax
+  import jax.numpy as jnp
+
+  f = jax.jit(lambda x: jnp.tanh(x @ x).sum())
+  x = jnp.ones((128, 128))
+  f(x).block_until_ready()
+  calls = []
+  run = lambda: calls.append(f(x).block_until_ready())
+  s = trace_summary.profile_calls(run, str(tmp_path), calls=2, module="jit_f", device_filter="/host:")
+  assert len(calls) == 2 and s["steps"] == 2 and s["device_ms_per_step"] > 0
+  assert json.loads((tmp_path / "summary.json").read_text())["device_ms_per_step"] == s["device_ms_per_step"]
+
+
 def test_missing_trace_names_the_folder(tmp_path):
   with pytest.raises(FileNotFoundError, match="jax.profiler.trace"):
     trace_summary.newest_trace(str(tmp_path))
