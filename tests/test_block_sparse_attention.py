@@ -362,9 +362,13 @@ def test_gpu_backward_kernel_dispatch(monkeypatch):
   x = lambda length, dtype=jnp.bfloat16, head_dim=64: jnp.zeros((1, length, 1, head_dim), dtype)
   choose = block_sparse._choose_gpu_bwd_kernel
   monkeypatch.setattr(block_sparse, "_is_hopper", lambda: True)
-  for length in (680, 2240, 9451):  # auto: from the H100 measurements (notes, session 3)
-    want = "mosaic" if length >= block_sparse.MOSAIC_BWD_MIN_LENGTH else "triton"
-    assert choose(x(length), None, False, None) == want
+  for length in (680, 2240, 9451):  # auto: Mosaic was faster at every layout on the H100 (notes, session 3)
+    assert choose(x(length), None, False, None) == "mosaic"
+    assert choose(x(length, jnp.float16), None, False, None) == "mosaic"
+  assert choose(x(680, head_dim=128), None, False, None) == "triton"  # not timed at head_dim 128: auto keeps Triton
+  assert choose(x(680, head_dim=128), "mosaic", False, None) == "mosaic"
+  assert [block_sparse._mosaic_bwd_block(64, n) for n in (680, 2240, 9451)] == [64, 64, 128]  # measured best
+  assert block_sparse._mosaic_bwd_block(128, 9451) == 64
   assert choose(x(680), "mosaic", False, None) == "mosaic"
   assert choose(x(9451), "triton", False, None) == "triton"
   assert choose(x(9451), None, False, 32) == "triton"  # streamed tiles must be multiples of 64

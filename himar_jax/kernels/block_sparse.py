@@ -6,8 +6,9 @@ Backends ('implementation'):
                 bfloat16/float16, head_dim a multiple of 64 and L >= MOSAIC_MIN_LENGTH, where it is faster): the
                 Mosaic GPU forward in pallas_mgpu.py; gpu_kernel='triton' (other GPUs, float32, other head_dims,
                 shorter layouts, interpret mode): the Triton-lowering forward in pallas_gpu.py. The backward is
-                chosen separately (gpu_bwd_kernel): the Mosaic GPU backward in pallas_mgpu.py or the Triton one in
-                pallas_gpu.py (auto rule at MOSAIC_BWD_MIN_LENGTH, from the H100 measurements)
+                chosen separately (gpu_bwd_kernel): the Mosaic GPU backward in pallas_mgpu.py (auto on Hopper for
+                bfloat16/float16 at head_dim 64, where it was measured faster at every layout) or the Triton one in
+                pallas_gpu.py (everything else)
   'pallas_tpu'  Pallas Mosaic TPU kernels in pallas_tpu.py
   'xla'         the dense-masked float32 reference (reference.py)
   None          'pallas_gpu' on GPU, 'pallas_tpu' on TPU, 'xla' elsewhere
@@ -135,10 +136,17 @@ MOSAIC_MIN_LENGTH = 1024
 MOSAIC_GRID_LENGTH = 4096
 
 
-# Auto dispatch of the backward on Hopper, from the H100 measurements in bench/attention_notes.md (session 3).
-MOSAIC_BWD_MIN_LENGTH = 1 << 30  # until measured: auto keeps the Triton backward
+# Auto dispatch of the backward on Hopper, from the H100 measurements in bench/attention_notes.md (session 3,
+# head_dim 64, bf16, forward+backward ms, Triton backward -> Mosaic): faster at every benchmark layout (L680
+# diagonal 0.585 -> 0.532, causal 0.849 -> 0.719; L2240 0.809 -> 0.696, 1.402 -> 1.191; L9451 1.572 -> 1.288,
+# 3.137 -> 2.341), so from MOSAIC_BWD_MIN_LENGTH on. head_dim 128 is checked for correctness only (not timed), so
+# auto keeps Triton there (MOSAIC_BWD_AUTO_HEAD_DIMS). Below MOSAIC_BWD_GRID_LENGTH: persistent CTAs and 64-row
+# streamed tiles (L680 0.532 vs 0.583 one CTA per item, 0.568 with 128-row tiles; L2240 0.696 vs 0.759 / 0.739);
+# from there one CTA per item and 128-row tiles (L9451 1.288 / 2.341 vs 1.345 / 2.563 with 64, 1.374 / 2.628
+# persistent).
+MOSAIC_BWD_MIN_LENGTH = 0
+MOSAIC_BWD_AUTO_HEAD_DIMS = (64,)
 MOSAIC_BWD_GRID_LENGTH = 4096
-MOSAIC_BWD_BLOCK = 64  # streamed tile at head_dim 64 (head_dim 128: 64)
 
 
 def _choose_gpu_bwd_kernel(q, gpu_bwd_kernel: str | None, interpret, block_bwd: int | None) -> str:
@@ -151,7 +159,8 @@ def _choose_gpu_bwd_kernel(q, gpu_bwd_kernel: str | None, interpret, block_bwd: 
   if reason is None and block_bwd is not None and block_bwd % 64:
     reason = f"block_bwd={block_bwd} (Mosaic GPU backward streams tiles of a multiple of 64 rows)"
   if reason is None:
-    return "mosaic" if gpu_bwd_kernel == "mosaic" or q.shape[1] >= MOSAIC_BWD_MIN_LENGTH else "triton"
+    faster = q.shape[1] >= MOSAIC_BWD_MIN_LENGTH and q.shape[-1] in MOSAIC_BWD_AUTO_HEAD_DIMS
+    return "mosaic" if gpu_bwd_kernel == "mosaic" or faster else "triton"
   if gpu_bwd_kernel == "mosaic":
     _log_once(f"Mosaic GPU backward: {reason}", fallback="the Triton-lowering backward")
   return "triton"
@@ -189,8 +198,9 @@ def block_sparse_attention(q, k, v, layout: ScaleLayout, *, scale: float | None 
   stages: the Mosaic GPU forward's key/value shared-memory ring depth; persistent: its grid is one CTA per SM looping
   over work items, else one CTA per 128-row query tile, batch row and head (None: persistent for L <
   MOSAIC_GRID_LENGTH).
-  gpu_bwd_kernel: 'mosaic' | 'triton' | None (auto, see _choose_gpu_bwd_kernel): the Mosaic GPU backward
-  (pallas_mgpu.backward: a dq and a dk/dv kernel, 64 rows per warpgroup, block_bwd = the streamed tile) or the
+  gpu_bwd_kernel: 'mosaic' | 'triton' | None (auto: Mosaic on Hopper for bfloat16/float16 at head_dim 64, see
+  _choose_gpu_bwd_kernel): the Mosaic GPU backward (pallas_mgpu.backward: a dq and a dk/dv kernel, 64 rows per
+  warpgroup, block_bwd = the streamed tile, default 64, 128 from MOSAIC_BWD_GRID_LENGTH at head_dim 64) or the
   Triton one; bwd_persistent: the Mosaic backward's grid, as persistent (None: persistent for L <
   MOSAIC_BWD_GRID_LENGTH).
   """
@@ -239,8 +249,9 @@ def block_sparse_attention(q, k, v, layout: ScaleLayout, *, scale: float | None 
 
 
 def _mosaic_bwd_block(head_dim: int, length: int) -> int:
-  """Streamed tile of the Mosaic GPU backward (keys in the dq kernel, queries in the dk/dv kernel)."""
-  return MOSAIC_BWD_BLOCK if head_dim <= 64 else 64
+  """Streamed tile of the Mosaic GPU backward (keys in the dq kernel, queries in the dk/dv kernel); head_dim 128
+  keeps 64 (128-row tiles of 64 x 128 float32 logits, dp and a 64 x 128 accumulator would exceed the registers)."""
+  return 128 if head_dim <= 64 and length >= MOSAIC_BWD_GRID_LENGTH else 64
 
 
 def _mosaic_bwd_programs(kernel: str, length: int, persistent: bool | None) -> int | None:
