@@ -8,6 +8,7 @@ random draws each run (the seed is in every failure message). GPU-kernel outputs
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -367,8 +368,6 @@ def test_gpu_backward_kernel_dispatch(monkeypatch):
     assert choose(x(length, jnp.float16), None, False, None) == "mosaic"
   assert choose(x(680, head_dim=128), None, False, None) == "triton"  # not timed at head_dim 128: auto keeps Triton
   assert choose(x(680, head_dim=128), "mosaic", False, None) == "mosaic"
-  assert [block_sparse._mosaic_bwd_block(64, n) for n in (680, 2240, 9451)] == [64, 64, 128]  # measured best
-  assert block_sparse._mosaic_bwd_block(128, 9451) == 64
   assert choose(x(680), "mosaic", False, None) == "mosaic"
   assert choose(x(9451), "triton", False, None) == "triton"
   assert choose(x(9451), None, False, 32) == "triton"  # streamed tiles must be multiples of 64
@@ -406,6 +405,8 @@ def test_entry_point_with_mosaic_backward_lowers_for_hopper(monkeypatch, gpu_ker
   forward_plan, (dq_plan, dkv_plan) = block_sparse._plans(cfg, layout)
   assert forward_plan.l_pad == dq_plan.l_pad == dkv_plan.l_pad == 768  # the Mosaic backward's 128-row CTAs
   assert (dq_plan.block_q, dq_plan.block_k, dkv_plan.block_q, dkv_plan.block_k) == (64, 64, 64, 64)
+  _, (dq_plan, dkv_plan) = block_sparse._plans(dataclasses.replace(cfg, block_bwd=128), layout)  # opt-in tiles
+  assert (dq_plan.block_q, dq_plan.block_k, dkv_plan.block_q, dkv_plan.block_k) == (64, 128, 128, 64)
 
 
 def test_mosaic_backward_request_in_interpret_mode_runs_triton_with_one_logged_reason(caplog):

@@ -140,13 +140,15 @@ MOSAIC_GRID_LENGTH = 4096
 # head_dim 64, bf16, forward+backward ms, Triton backward -> Mosaic): faster at every benchmark layout (L680
 # diagonal 0.585 -> 0.532, causal 0.849 -> 0.719; L2240 0.809 -> 0.696, 1.402 -> 1.191; L9451 1.572 -> 1.288,
 # 3.137 -> 2.341), so from MOSAIC_BWD_MIN_LENGTH on. head_dim 128 is checked for correctness only (not timed), so
-# auto keeps Triton there (MOSAIC_BWD_AUTO_HEAD_DIMS). Below MOSAIC_BWD_GRID_LENGTH: persistent CTAs and 64-row
-# streamed tiles (L680 0.532 vs 0.583 one CTA per item, 0.568 with 128-row tiles; L2240 0.696 vs 0.759 / 0.739);
-# from there one CTA per item and 128-row tiles (L9451 1.288 / 2.341 vs 1.345 / 2.563 with 64, 1.374 / 2.628
-# persistent).
+# auto keeps Triton there (MOSAIC_BWD_AUTO_HEAD_DIMS). Below MOSAIC_BWD_GRID_LENGTH persistent CTAs (L680 0.532 vs
+# 0.583 one CTA per item; L2240 0.696 vs 0.759), from there one CTA per item (L9451 1.345 / 2.563 vs 1.351 / 2.605).
+# Streamed tiles of MOSAIC_BWD_BLOCK = 64 rows (L680 0.532 vs 0.568 with 128; L2240 0.696 vs 0.739). At L9451
+# 128-row tiles timed faster (1.288 / 2.341) but were not in that run's numerical checks, so they stay opt-in
+# (block_bwd=128) until checked.
 MOSAIC_BWD_MIN_LENGTH = 0
 MOSAIC_BWD_AUTO_HEAD_DIMS = (64,)
 MOSAIC_BWD_GRID_LENGTH = 4096
+MOSAIC_BWD_BLOCK = 64
 
 
 def _choose_gpu_bwd_kernel(q, gpu_bwd_kernel: str | None, interpret, block_bwd: int | None) -> str:
@@ -200,7 +202,7 @@ def block_sparse_attention(q, k, v, layout: ScaleLayout, *, scale: float | None 
   MOSAIC_GRID_LENGTH).
   gpu_bwd_kernel: 'mosaic' | 'triton' | None (auto: Mosaic on Hopper for bfloat16/float16 at head_dim 64, see
   _choose_gpu_bwd_kernel): the Mosaic GPU backward (pallas_mgpu.backward: a dq and a dk/dv kernel, 64 rows per
-  warpgroup, block_bwd = the streamed tile, default 64, 128 from MOSAIC_BWD_GRID_LENGTH at head_dim 64) or the
+  warpgroup, block_bwd = the streamed tile, 64 or 128, default MOSAIC_BWD_BLOCK) or the
   Triton one; bwd_persistent: the Mosaic backward's grid, as persistent (None: persistent for L <
   MOSAIC_BWD_GRID_LENGTH).
   """
@@ -230,7 +232,7 @@ def block_sparse_attention(q, k, v, layout: ScaleLayout, *, scale: float | None 
                 else "triton")
   d_q, d_k, d_bwd = _default_blocks(implementation, q.shape[-1], layout.length, kernel)
   if bwd_kernel == "mosaic":
-    d_bwd = _mosaic_bwd_block(q.shape[-1], layout.length)
+    d_bwd = MOSAIC_BWD_BLOCK  # the streamed tile (keys in the dq kernel, queries in the dk/dv kernel)
   if kernel == "mosaic" and block_q not in (None, pallas_mgpu.BLOCK_Q):
     raise ValueError(f"block_q={block_q}: the Mosaic GPU forward uses {pallas_mgpu.BLOCK_Q}-row query tiles "
                      "(pass gpu_kernel='triton' for other sizes).")
@@ -246,12 +248,6 @@ def block_sparse_attention(q, k, v, layout: ScaleLayout, *, scale: float | None 
     if size < 8 or size & (size - 1):
       raise ValueError(f"{name}={size} must be a power of two >= 8 (Triton and Mosaic tiles).")
   return _attend(q, k, v, cfg, layout)
-
-
-def _mosaic_bwd_block(head_dim: int, length: int) -> int:
-  """Streamed tile of the Mosaic GPU backward (keys in the dq kernel, queries in the dk/dv kernel); head_dim 128
-  keeps 64 (128-row tiles of 64 x 128 float32 logits, dp and a 64 x 128 accumulator would exceed the registers)."""
-  return 128 if head_dim <= 64 and length >= MOSAIC_BWD_GRID_LENGTH else 64
 
 
 def _mosaic_bwd_programs(kernel: str, length: int, persistent: bool | None) -> int | None:
