@@ -7,9 +7,9 @@ loaded. Inside that range, the "full" sub-range runs without masks; the boundary
 per-row range [row_start, row_end). Tiles run heaviest-first (last tile first: later scales are larger).
 Logits live in base 2 (scaled by scale*log2(e)) so the softmax uses exp2; lse is stored in the same units.
 
-On Hopper, long layouts use the Mosaic GPU forward in pallas_mgpu.py instead (block_sparse.py dispatches); these
-kernels serve other GPUs, short layouts (faster there), float32, other head_dims, interpret mode, and every
-backward. Measurements: bench/attention_notes.md.
+On Hopper, long layouts use the Mosaic GPU forward in pallas_mgpu.py instead, and head_dim 64 its backward
+(block_sparse.py dispatches); these kernels serve other GPUs, short layouts (forward: faster there), float32, other
+head_dims, interpret mode. Measurements: bench/attention_notes.md.
 """
 from __future__ import annotations
 
