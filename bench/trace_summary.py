@@ -5,8 +5,9 @@
 TRACE_DIR is the log_dir given to `jax.profiler.trace` (the newest `plugins/profile/*/*.trace.json.gz` under it is
 read). Events on device processes (name containing "/device:") are summed per kernel name; kinds are matmul
 (cuBLAS / CUTLASS gemm kernels), attention (cuDNN / flash kernels), and XLA fusions split by what they are named
-after (loop / input (reductions) / transpose / ...). --steps divides the totals into per-step milliseconds. Needs
-only the standard library, so it runs on the GPU machine as is.
+after (loop / input (reductions) / transpose / ...), and collectives (NCCL kernels). --steps divides the totals
+into per-step milliseconds, and with several device processes (one SPMD program on N GPUs) they are averaged per
+device. Needs only the standard library, so it runs on the GPU machine as is.
 
 --hlo names the program's optimised HLO text (XLA_FLAGS=--xla_dump_to=DIR: the `*after_optimizations.txt` of the
 jitted function): each top kernel that is an XLA fusion then gets the shapes it writes and the JAX operation it
@@ -25,6 +26,7 @@ import sys
 
 _MATMUL = re.compile(r"gemm|xmma|cutlass|sm\d+_.*(tensorop|mma)|cublas|nvjet", re.I)
 _ATTENTION = re.compile(r"cudnn|fmha|flash|attention|sdpa", re.I)
+_COLLECTIVE = re.compile(r"nccl|all-?reduce|all-?gather|reduce-?scatter|collective-?permute", re.I)
 
 
 def newest_trace(log_dir: str) -> pathlib.Path:
@@ -37,6 +39,8 @@ def newest_trace(log_dir: str) -> pathlib.Path:
 
 
 def kind_of(name: str) -> str:
+  if _COLLECTIVE.search(name):
+    return "collective"
   if _MATMUL.search(name):
     return "matmul"
   if _ATTENTION.search(name):
@@ -73,13 +77,14 @@ def summarize(trace_path, *, device_filter: str = "/device:", steps: int = 1, to
   for name, us in by_name.items():
     by_kind[kind_of(name)] += us
   total_us = sum(by_name.values())
-  ms = lambda us: us / 1e3 / max(steps, 1)
+  per = max(steps, 1) * max(len(device_pids), 1)  # per step and per device: devices of one SPMD program match
+  ms = lambda us: us / 1e3 / per
   return {
       "trace": str(trace_path), "device_processes": sorted(process[p] for p in device_pids),
       "steps": steps, "device_ms_per_step": ms(total_us),
       "by_kind_ms_per_step": {k: round(ms(v), 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
       "top_kernels": [{"name": n[:160], "kind": kind_of(n), "ms_per_step": round(ms(us), 3),
-                       "calls_per_step": count[n] / max(steps, 1), "share": round(us / total_us, 4),
+                       "calls_per_step": count[n] / per, "share": round(us / total_us, 4),
                        "hlo_op": hlo[n]}
                       for n, us in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]],
   }

@@ -35,6 +35,20 @@ def test_summary_sums_device_kernels_per_step_and_kind(tmp_path):
   assert top["hlo_op"] == "sm90_xmma_gemm_bf16bf16_bf16f32_op"
 
 
+def test_summary_averages_devices_and_names_collectives(tmp_path):
+  meta = lambda pid, name: {"ph": "M", "name": "process_name", "pid": pid, "args": {"name": name}}
+  kernel = lambda pid, name, dur: {"ph": "X", "pid": pid, "tid": 1, "name": name, "ts": 0, "dur": dur, "args": {}}
+  nccl = "ncclDevKernel_AllReduce_Sum_f32_RING_LL"
+  events = [meta(1, "/device:GPU:0"), meta(2, "/device:GPU:1"), kernel(1, nccl, 400.0), kernel(2, nccl, 200.0),
+            kernel(1, "loop_add_fusion", 100.0), kernel(2, "loop_add_fusion", 100.0)]
+  _write_trace(str(tmp_path), events)
+  s = trace_summary.summarize(trace_summary.newest_trace(str(tmp_path)), steps=1)
+  assert s["device_processes"] == ["/device:GPU:0", "/device:GPU:1"]
+  assert s["device_ms_per_step"] == pytest.approx(0.4)  # 800 us over 2 devices
+  assert s["by_kind_ms_per_step"] == {"collective": 0.3, "fusion:loop": 0.1}
+  assert s["top_kernels"][0]["calls_per_step"] == 1.0
+
+
 def test_profile_calls_traces_each_call_and_writes_the_summary(tmp_path):
   """A real jax.profiler trace of 2 calls, summarised per call; on the CPU the ops are host events."""
   import jax
