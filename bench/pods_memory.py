@@ -30,7 +30,7 @@ def parse(argv=None):
   p.add_argument("--per_device_batch", type=int, default=64)
   p.add_argument("--fsdp", type=int, default=8)
   p.add_argument("--mock", action="store_true", help="mock a 1 x fsdp x 1 GPU topology (fsdp hosts of one GPU each) on this one GPU")
-  p.add_argument("--remat", default=None, help="config.model.remat override (Hi-MAR / MAR)")
+  p.add_argument("--remat", default=None, help="config.model.remat override: none | dots | full")
   p.add_argument("--scan_blocks", type=int, default=None, help="config.model.scan_blocks override (0 | 1)")
   p.add_argument("--device_gib", type=float, default=80.0)
   p.add_argument("--reserve_gib", type=float, default=2.0)

@@ -73,6 +73,7 @@ def _model(kind: str, depth: int, resolution: int) -> ml_collections.ConfigDict:
   m.dtype = "bfloat16"
   m.attention_implementation = None
   m.scan_blocks = False  # one lax.scan per block stack in training (same result; faster compiles)
+  m.remat = "none"  # none | dots | full: what each block's backward keeps (same result; less activation memory)
   if kind == "hmar":
     m.n_layers_train = 8
     m.cfg, m.top_k, m.top_p = HMAR_SAMPLING.get(depth, HMAR_SAMPLING[16])

@@ -2,6 +2,7 @@
 classes (fixtures from tests/fixtures/make_next_scale.py), losses, mask draws, samplers, bad input."""
 import math
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -124,6 +125,40 @@ def test_scanned_stacks_give_the_unrolled_loss_and_gradients(kind):
     for blk in stack:
       blk.drop_path = 0.0
   assert abs(float(loss_and_grads(True)[0]) - float(loss0)) > 1e-6  # the rates above did drop paths
+
+
+@pytest.mark.parametrize("remat,scan", [("dots", False), ("full", True)])
+def test_checkpointed_stacks_give_the_plain_loss_and_gradients(remat, scan):
+  """model.remat (jax.checkpoint around every block, unrolled or inside the scan): same loss and gradients as the
+  plain unrolled stacks, drop path on (the recomputed forward reuses each block's key)."""
+  fx = fixture("hmar_logits.npz")
+  model = loaded("hmar", fx)
+  for stack in (model.base_blocks, model.ns_blocks, model.mask_blocks):
+    for i, blk in enumerate(stack):
+      blk.drop_path = 0.2 + 0.2 * i
+  batch = {"indices": jnp.asarray(fx["indices"]), "label": jnp.asarray(fx["labels"])}
+
+  def loss_and_grads(remat, scan):
+    model.remat, model.scan_blocks = remat, scan
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    fn = lambda p: nnx.merge(graphdef, p, rest).train_loss(batch, key=jax.random.key(5))[0]
+    # jax.checkpoint's primitive: remat2 (jax 0.10) or checkpoint
+    checkpointed = re.search(r"\b(?:remat\d*|checkpoint)\[", str(jax.make_jaxpr(fn)(params))) is not None
+    return *jax.jit(jax.value_and_grad(fn))(params), checkpointed
+
+  loss0, grads0, checkpointed0 = loss_and_grads("none", False)
+  loss1, grads1, checkpointed1 = loss_and_grads(remat, scan)
+  assert not checkpointed0 and checkpointed1  # the policy is applied, not ignored
+  np.testing.assert_allclose(float(loss1), float(loss0), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads0), jax.tree.leaves(grads1)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-7)
+
+
+def test_unknown_remat_policy_is_rejected():
+  config = get_config("hmar_tiny")
+  config.model.remat = "everything"
+  with pytest.raises(ValueError, match="remat policy 'everything' is not one of"):
+    models.model_fn(config)(nnx.Rngs(0))
 
 
 # ---- losses -----------------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from himar_jax.kernels.layout import ScaleLayout
 from himar_jax.nn.attention import dot_product_attention
 from himar_jax.nn.indexing import scatter_rows
 from himar_jax.nn.layers import DEFAULT_COMPUTE_DTYPE, Mlp, dense, layer_norm, with_axes
-from himar_jax.nn.transformer import stack_states
+from himar_jax.nn.transformer import REMAT_POLICIES, call_checkpointed, check_remat, stack_states
 from himar_jax.parallel.sharding import constrain
 from himar_jax.tokenizers import resize
 from himar_jax.tokenizers.vq_pyramid import ResidualQuantizer, VQPyramidConfig
@@ -280,7 +280,7 @@ class NextScaleTransformer(nnx.Module):
                drop_path_rate: float = 0.0, n_layers_train: int = 8, init_adaln: float = 0.5,
                init_adaln_gamma: float = 1e-5, init_head: float = 0.02, loss_weighting: str = "uniform",
                label_smoothing: float = 0.0, stage: int = 1, dtype=DEFAULT_COMPUTE_DTYPE,
-               attention_implementation: str | None = None, scan_blocks: bool = False):
+               attention_implementation: str | None = None, scan_blocks: bool = False, remat: str = "none"):
     if kind not in KINDS:
       raise ValueError(f"kind={kind!r} is not one of {KINDS}.")
     if kind == "hmar" and not 0 < n_layers_train <= depth:
@@ -296,6 +296,7 @@ class NextScaleTransformer(nnx.Module):
     self.layout = ScaleLayout(self.scales.sizes, "block_causal" if kind == "var" else "block_diagonal")
     self.dtype = dtype
     self.scan_blocks = scan_blocks  # one lax.scan per block stack in teacher-forced passes (faster compiles)
+    self.remat = check_remat(remat)  # what each block's backward keeps (nn/transformer.REMAT_POLICIES)
     std = math.sqrt(1.0 / width / 3.0)
     c, z, first_l = width, vq_config.z_channels, self.scales.sizes[0]
     self.vq = freeze_quantizer(ResidualQuantizer(vq_config, rngs=rngs))
@@ -371,19 +372,28 @@ class NextScaleTransformer(nnx.Module):
 
   # ---- forward ---------------------------------------------------------------------------------------------
   def _run(self, blocks, x, cond, *, layout, key):
+    """x through a block stack; each block call checkpointed with self.remat (the backward keeps what the policy
+    saves and recomputes the rest: same numbers, less activation memory)."""
     keys = None if key is None else jax.random.split(key, len(blocks))
     if not self.scan_blocks or len(blocks) < 2:
       for i, blk in enumerate(blocks):
-        x = blk(constrain(x), cond, layout=layout, key=None if keys is None else keys[i])
+        x = call_checkpointed(blk, self.remat, constrain(x), cond, layout=layout,
+                              key=None if keys is None else keys[i])
       return constrain(x)
     # One lax.scan over the blocks' states stacked at call time. The blocks differ only in their static drop-path
     # rate, so block 0's graph is used and each block's rate travels as data; same keys, same result.
     graphdef, stacked = stack_states(blocks, same_graph=False)
     rates = jnp.asarray([blk.drop_path for blk in blocks], jnp.float32)
 
+    def body(x, cond, state, rate, k):
+      return nnx.merge(graphdef, state)(x, cond, layout=layout, key=k, drop_path=rate)
+
+    if REMAT_POLICIES[self.remat] is not None:
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])
+
     def step(x, per_block):
       state, rate, k = per_block
-      return constrain(nnx.merge(graphdef, state)(constrain(x), cond, layout=layout, key=k, drop_path=rate)), None
+      return constrain(body(constrain(x), cond, state, rate, k)), None
 
     x, _ = jax.lax.scan(step, x, (stacked, rates, keys))
     return x
@@ -745,7 +755,8 @@ def build(config, rngs: nnx.Rngs) -> NextScaleTransformer:
       drop_path_rate=m.drop_path_rate, n_layers_train=m.get("n_layers_train", 8), init_adaln=m.init_adaln,
       init_adaln_gamma=m.init_adaln_gamma, init_head=m.init_head, loss_weighting=m.loss_weighting,
       label_smoothing=m.label_smoothing, stage=m.get("stage", 1), dtype=_DTYPES[m.dtype],
-      attention_implementation=m.get("attention_implementation", None), scan_blocks=m.get("scan_blocks", False))
+      attention_implementation=m.get("attention_implementation", None), scan_blocks=m.get("scan_blocks", False),
+      remat=m.get("remat", "none"))
   if m.get("tokenizer", ""):
     from himar_jax.convert import next_scale as convert_next_scale  # lazy: the converter imports this module
     convert_next_scale.load_tokenizer_arrays(model, convert_next_scale.read_tokenizer(m.tokenizer))
