@@ -96,3 +96,43 @@ def test_example_major_draws_pair_with_repeated_rows_as_with_tiled_ones():
   reordered = np.asarray(example_major(jnp.asarray(draws), mul))
   assert {(tuple(r), tuple(d)) for r, d in zip(repeated, reordered)} == tiled_pairs
   assert len(tiled_pairs) == mul * b and sorted(map(tuple, reordered)) == sorted(map(tuple, draws))
+
+
+def test_block_sparse_kernel_runs_per_shard_under_a_sharded_step(monkeypatch):
+  """Under the step's mesh the block-sparse kernel is called per device through shard_map (batch over data x fsdp,
+  heads over tensor): it sees the local shapes, forward and gradients equal the dense reference, and the compiled
+  program gathers nothing (left to the SPMD partitioner, a Pallas call gets its operands all-gathered). On the CPU
+  the kernel entry falls back to its XLA reference (interpret-mode kernels inside this shard_map are covered by
+  tests/test_block_sparse_attention.py::test_shard_map_over_batch_and_heads)."""
+  from himar_jax.kernels import block_sparse
+  from himar_jax.kernels.layout import ScaleLayout
+  from himar_jax.kernels.reference import reference_attention
+  from himar_jax.nn.attention import dot_product_attention
+
+  real, seen = block_sparse.block_sparse_attention, []
+
+  def recorded(q, k, v, layout, **kwargs):
+    seen.append(q.shape)
+    return real(q, k, v, layout, **kwargs)
+
+  monkeypatch.setattr(block_sparse, "block_sparse_attention", recorded)
+  layout = ScaleLayout((1, 4, 9, 16), "block_diagonal")
+  mesh = mesh_lib.make_mesh((2, 2, 2))
+  spec = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
+  keys = jax.random.split(jax.random.key(3), 4)
+  q, k, v, do = (jax.random.normal(key, (8, layout.length, 4, 16), jnp.float32) for key in keys)
+
+  def loss(q, k, v):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return jnp.sum(dot_product_attention(q, k, v, layout=layout, implementation="pallas_tpu") * do)
+
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), in_shardings=(spec,) * 3)
+  placed = [jax.device_put(x, spec) for x in (q, k, v)]
+  value, grads = step(*placed)
+  assert set(seen) == {(2, layout.length, 2, 16)}  # batch 8 / 4 devices, heads 4 / 2
+  ref_value, ref_grads = jax.value_and_grad(
+      lambda q, k, v: jnp.sum(reference_attention(q, k, v, layout) * do), argnums=(0, 1, 2))(q, k, v)
+  np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-5)
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5)
+  assert "all-gather" not in step.lower(*placed).compile().as_text()

@@ -15,6 +15,8 @@ import logging
 import jax
 import jax.numpy as jnp
 
+from himar_jax.parallel.sharding import per_shard
+
 
 def xla_attention(q, k, v, mask=None, *, scale: float | None = None):
   """Reference attention: logits and softmax in float32, mask broadcastable to (B, H, Lq, Lk), True = attend."""
@@ -48,8 +50,11 @@ def dot_product_attention(q, k, v, mask=None, *, scale: float | None = None, imp
     if mask is not None:
       raise ValueError("pass either mask= or layout= to dot_product_attention, not both (the layout is the mask).")
     if implementation in (None, "pallas_gpu", "pallas_tpu"):
-      from himar_jax.kernels.block_sparse import block_sparse_attention  # kernels import this module
-      return block_sparse_attention(q, k, v, layout, scale=scale, implementation=implementation)
+      from himar_jax.kernels import block_sparse  # kernels import this module
+      kernel = lambda q, k, v: block_sparse.block_sparse_attention(q, k, v, layout, scale=scale,
+                                                                   implementation=implementation)
+      # Per shard over batch and heads under a sharded step: a Pallas call is opaque to the SPMD partitioner.
+      return per_shard(kernel, q, k, v, logical=("batch", None, "heads", None))
     mask = jnp.asarray(layout.dense_mask())[None, None]
   auto = implementation is None
   if auto:

@@ -115,6 +115,21 @@ def constrain(x, logical: Sequence[str | None] = ("batch",)):
   return jax.lax.with_sharding_constraint(x, logical_to_mesh_spec(logical, x.shape, mesh))
 
 
+def per_shard(fn, *xs, logical: Sequence[str | None]):
+  """fn(*xs) run on each device's shard (xs all sharded alike by the logical axes) through jax.shard_map under the
+  mesh of the enclosing `jax.sharding.use_abstract_mesh`; a plain call when none is set, it has one device, or the
+  caller is already inside a shard_map.
+
+  For custom calls XLA's SPMD partitioner cannot split (our Pallas kernels): left to the partitioner, their operands
+  are all-gathered and every device computes the whole global batch.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1 or mesh.manual_axes:
+    return fn(*xs)
+  spec = logical_to_mesh_spec(logical, xs[0].shape, mesh)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(xs), out_specs=spec)(*xs)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
