@@ -25,6 +25,16 @@ MESHES = {"data": "-1,1,1", "fsdp": "1,-1,1"}
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def gpu_interconnect() -> dict:
+  """How this host's GPUs are linked (`nvidia-smi topo -m`: NV# = NVLink, PIX / PHB / SYS = PCIe paths) and the
+  NCCL settings that change the transport: what a multi-GPU speedup depends on besides the program."""
+  try:
+    topo = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True, timeout=30).stdout
+  except (OSError, subprocess.SubprocessError) as e:
+    topo = f"unavailable: {e}"
+  return {"nvidia_smi_topo": topo, "nccl_env": {k: v for k, v in os.environ.items() if k.startswith("NCCL_")}}
+
+
 def point_env(n: int, platform: str, base: dict | None = None) -> dict:
   """The environment of a process that sees exactly the first n devices of `platform` (gpu | cpu)."""
   env = dict(os.environ if base is None else base)
@@ -105,13 +115,14 @@ def main(argv=None):
     if platform == "gpu" and counts[-1] > available:
       raise SystemExit(f"--devices={args.devices!r} asks for {counts[-1]} GPUs; this machine has {available}.")
   points = []
+  interconnect = gpu_interconnect() if platform == "gpu" else None
   command = "PYTHONPATH=. python bench/scaling.py " + " ".join(argv if argv is not None else sys.argv[1:])
   for n in counts:
     for strategy in (strategies[:1] if n == 1 else strategies):
       points.append(run_point(args, n, strategy, platform))
       print(json.dumps(points[-1]), flush=True)
       report = {"command": command, "variant": args.variant, "per_device_batch": args.per_device_batch,
-                "points": points, "speedup": {s: speedups(points, s) for s in strategies}}
+                "xla_flags": os.environ.get("XLA_FLAGS", ""), "interconnect": interconnect, "points": points, "speedup": {s: speedups(points, s) for s in strategies}}
       if args.out:  # after every point, so a run stopped at its time limit keeps what it measured
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

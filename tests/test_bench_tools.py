@@ -105,6 +105,23 @@ def test_pods_memory_shards_the_training_state_over_fsdp():
   assert r["fits"] and r["scan_blocks"] is True
 
 
+def test_scaling_records_the_gpu_interconnect(monkeypatch):
+  import subprocess
+
+  from bench import scaling
+
+  monkeypatch.setenv("NCCL_P2P_DISABLE", "1")
+  monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, stdout="GPU0 X NV18\n"))
+  info = scaling.gpu_interconnect()
+  assert info["nvidia_smi_topo"] == "GPU0 X NV18\n" and info["nccl_env"]["NCCL_P2P_DISABLE"] == "1"
+
+  def missing(cmd, **kw):
+    raise FileNotFoundError("nvidia-smi")
+
+  monkeypatch.setattr(subprocess, "run", missing)
+  assert scaling.gpu_interconnect()["nvidia_smi_topo"].startswith("unavailable")
+
+
 def test_scaling_point_past_its_timeout_is_recorded_as_an_error():
   from bench import scaling
 
