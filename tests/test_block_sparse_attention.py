@@ -383,6 +383,32 @@ def test_gpu_backward_kernel_dispatch(monkeypatch):
     choose(x(680), "cudnn", False, None)
 
 
+@pytest.mark.parametrize("gpu_kernel", ["triton", "mosaic"])
+def test_mosaic_backward_lowers_inside_shard_map(monkeypatch, gpu_kernel):
+  """Per shard over batch and heads (as nn/attention runs the kernel under a sharded step), forward and Mosaic
+  backward keep the manual-axis (vma) types shard_map checks: plgpu.kernel drops them from its outputs on jax 0.10
+  (the custom_vjp then rejected the backward's gradients as not varying like q, k, v)."""
+  monkeypatch.setattr(block_sparse, "_is_hopper", lambda: True)
+  monkeypatch.setattr(block_sparse, "_unsupported_reason", lambda *args: None)
+  layout = ScaleLayout(VAR_SIZES, "block_diagonal")
+  mesh = jax.sharding.AbstractMesh((2, 2), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  spec = P("data", None, "tensor", None)
+  x = jax.ShapeDtypeStruct((4, layout.length, 4, 64), jnp.bfloat16)
+
+  def local(q, k, v):
+    return block_sparse_attention(q, k, v, layout, implementation="pallas_gpu", gpu_kernel=gpu_kernel,
+                                  gpu_bwd_kernel="mosaic")
+
+  def fwd_bwd(q, k, v, do):
+    out, vjp = jax.vjp(jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec), q, k, v)
+    return out, vjp(do)
+
+  with jax.sharding.use_abstract_mesh(mesh):
+    text = jax.jit(fwd_bwd).trace(x, x, x, x).lower(lowering_platforms=("cuda",)).as_text()
+  calls = re.findall(r"stablehlo\.custom_call @([\w$.]+)", text)
+  assert sum(c.startswith("mosaic_gpu") for c in calls) == (3 if gpu_kernel == "mosaic" else 2), calls
+
+
 @pytest.mark.parametrize("gpu_kernel,customs", [("triton", ("mosaic_gpu", "__gpu")), ("mosaic", ("mosaic_gpu",))])
 def test_entry_point_with_mosaic_backward_lowers_for_hopper(monkeypatch, gpu_kernel, customs):
   # The whole custom_vjp (forward, residuals, Mosaic backward) through the entry point, as a Hopper would run it.

@@ -35,3 +35,22 @@ def out_struct(shape, dtype, like) -> jax.ShapeDtypeStruct:
   if mat is None or getattr(mat, "empty", True):
     return jax.ShapeDtypeStruct(shape, dtype)
   return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
+
+
+def _varying(x) -> frozenset:
+  mat = getattr(jax.typeof(x), "mat", None)
+  return frozenset(mat.varying) if mat is not None else frozenset(getattr(jax.typeof(x), "vma", ()) or ())
+
+
+def match_vma(x, like):
+  """x typed as varying over every manual axis `like` varies over (a no-op outside shard_map).
+
+  Mosaic GPU kernels (plgpu.kernel) return values without the manual-axis type of their out_type on jax 0.10, which
+  shard_map's type check then rejects (e.g. a custom_vjp backward whose gradients are not varying like the primal
+  inputs). Used only inside our custom_vjp rules, so the cast's own transpose (a psum) never enters a gradient.
+  """
+  missing = _varying(like) - _varying(x)
+  if not missing:
+    return x
+  axes = tuple(sorted(missing))
+  return lax.pcast(x, axes, to="varying") if hasattr(lax, "pcast") else lax.pvary(x, axes)

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from himar_jax.kernels.common import out_struct, softmax_bwd_delta
+from himar_jax.kernels.common import match_vma, out_struct, softmax_bwd_delta
 from himar_jax.kernels.layout import TilePlan
 
 try:  # Mosaic GPU ships with jax, but keep this module importable where a jax build lacks it.
@@ -335,7 +335,7 @@ def forward(q, k, v, plan: TilePlan, *, scale: float, stages: int = 2, consumer_
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
   )(q, k, v, row_start, row_end, table)
-  return out, lse
+  return match_vma(out, q), match_vma(lse, q)
 
 
 # ---------------------------------------------------------------- backward: a dq kernel and a dk/dv kernel
@@ -654,4 +654,4 @@ def backward(q, k, v, out, lse, do, plan: TilePlan, *, scale: float, dkv_plan: T
       init=dkv_init, step=dkv_step, finish=dkv_finish,
       out_type=[out_struct(k.shape, dtype, k), out_struct(v.shape, dtype, v)],
       inputs=[k, v, jnp.asarray(key_start), jnp.asarray(key_end), q, lse, delta, do], **common)
-  return dq[:, :length], dk[:, :length], dv[:, :length]
+  return tuple(match_vma(g[:, :length], x) for g, x in ((dq, q), (dk, k), (dv, v)))
