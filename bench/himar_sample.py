@@ -74,7 +74,7 @@ def main():
   batch_s = float(np.median(times))
   stats = jax.devices()[0].memory_stats() or {}
   if args.profile:
-    trace_summary.profile_calls(lambda: jax.block_until_ready(sample(state, labels, keys)), args.profile, calls=1,
+    trace_summary.profile_calls(lambda: sample(state, labels, keys), args.profile, calls=1,
                                 module="jit_sample")
   result = {
       "command": "PYTHONPATH=. python " + " ".join(sys.argv),

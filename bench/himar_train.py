@@ -108,7 +108,7 @@ def main():
     def run_step():
       nonlocal state
       state, _ = compiled(state, batch)
-      jax.block_until_ready(state)
+      return state
     trace_summary.profile_calls(run_step, args.profile, calls=3, module="jit_step_fn")
   n_dev = mesh.devices.size
   analytic = train_flops_per_image(config)

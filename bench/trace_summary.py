@@ -184,13 +184,14 @@ def print_summary(summary: dict, file=sys.stdout) -> None:
 
 def profile_calls(run, log_dir: str, *, calls: int, module: str, top: int = 40,
                   device_filter: str = "/device:") -> dict:
-  """Traces `calls` back-to-back run() calls into log_dir (run must block until its device work is done), then
-  summarises them per call, annotated from the HLO dump of `module` when XLA_FLAGS has --xla_dump_to; prints the
-  summary to stderr and writes it to log_dir/summary.json."""
+  """Traces `calls` back-to-back run() calls into log_dir (dispatched without waiting in between, as in a training
+  loop; the last call's result is waited for), then summarises them per call, annotated from the HLO dump of
+  `module` when XLA_FLAGS has --xla_dump_to; prints the summary to stderr and writes it to log_dir/summary.json."""
   import jax  # only the profiling entry point needs jax; the rest of this module is standard library
   with jax.profiler.trace(log_dir):
     for _ in range(calls):
-      run()
+      result = run()
+    jax.block_until_ready(result)
   summary = summarize(newest_trace(log_dir), device_filter=device_filter, steps=calls, top=top)
   dump = hlo_dump_of(module)
   if dump:

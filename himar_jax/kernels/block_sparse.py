@@ -139,13 +139,12 @@ MOSAIC_GRID_LENGTH = 4096
 # Auto dispatch of the backward on Hopper, from the H100 measurements in bench/attention_notes.md (session 3,
 # head_dim 64, bf16, forward+backward ms, Triton backward -> Mosaic): faster at every benchmark layout (L680
 # diagonal 0.585 -> 0.532, causal 0.849 -> 0.719; L2240 0.809 -> 0.696, 1.402 -> 1.191; L9451 1.572 -> 1.288,
-# 3.137 -> 2.341), so from MOSAIC_BWD_MIN_LENGTH on. head_dim 128 is checked for correctness only (not timed), so
+# 3.137 -> 2.341), so at every length. head_dim 128 is checked for correctness only (not timed), so
 # auto keeps Triton there (MOSAIC_BWD_AUTO_HEAD_DIMS). Below MOSAIC_BWD_GRID_LENGTH persistent CTAs (L680 0.532 vs
 # 0.583 one CTA per item; L2240 0.696 vs 0.759), from there one CTA per item (L9451 1.345 / 2.563 vs 1.351 / 2.605).
 # Streamed tiles of MOSAIC_BWD_BLOCK = 64 rows (L680 0.532 vs 0.568 with 128; L2240 0.696 vs 0.739). At L9451
 # 128-row tiles timed faster (1.288 / 2.341) but were not in that run's numerical checks, so they stay opt-in
 # (block_bwd=128) until checked.
-MOSAIC_BWD_MIN_LENGTH = 0
 MOSAIC_BWD_AUTO_HEAD_DIMS = (64,)
 MOSAIC_BWD_GRID_LENGTH = 4096
 MOSAIC_BWD_BLOCK = 64
@@ -161,7 +160,7 @@ def _choose_gpu_bwd_kernel(q, gpu_bwd_kernel: str | None, interpret, block_bwd: 
   if reason is None and block_bwd is not None and block_bwd % 64:
     reason = f"block_bwd={block_bwd} (Mosaic GPU backward streams tiles of a multiple of 64 rows)"
   if reason is None:
-    faster = q.shape[1] >= MOSAIC_BWD_MIN_LENGTH and q.shape[-1] in MOSAIC_BWD_AUTO_HEAD_DIMS
+    faster = q.shape[-1] in MOSAIC_BWD_AUTO_HEAD_DIMS
     return "mosaic" if gpu_bwd_kernel == "mosaic" or faster else "triton"
   if gpu_bwd_kernel == "mosaic":
     _log_once(f"Mosaic GPU backward: {reason}", fallback="the Triton-lowering backward")

@@ -91,6 +91,21 @@ def _range_table(lo, full_lo, full_hi, hi) -> np.ndarray:
   return np.stack(cols, axis=1).astype(np.int32)
 
 
+def _range_steps(bounds, skip_step, body, carry):
+  """One consumer warpgroup's steps over its CTA's union range: skip / masked / full / masked / skip.
+
+  bounds = (cta_lo, lo, full_lo, full_hi, hi, cta_hi); skip_step(s, None) only keeps the barriers in step,
+  body(masked) is the (s, carry) -> carry step function with or without the per-row masks.
+  """
+  cta_lo, lo, full_lo, full_hi, hi, cta_hi = bounds
+  lax.fori_loop(cta_lo, lo, skip_step, None)
+  carry = lax.fori_loop(lo, full_lo, body(True), carry)
+  carry = lax.fori_loop(full_lo, full_hi, body(False), carry)
+  carry = lax.fori_loop(full_hi, hi, body(True), carry)
+  lax.fori_loop(hi, cta_hi, skip_step, None)
+  return carry
+
+
 def persistent_programs(sm_count: int, n_cta: int, n_items: int) -> int:
   """Persistent CTAs: the most <= sm_count whose count is coprime to the query-tile pairs per (batch, head).
 
@@ -258,12 +273,8 @@ def forward(q, k, v, plan: TilePlan, *, scale: float, stages: int = 2, consumer_
             return acc, m_i, l_i
           return step
 
-        carry = (acc, m_i, l_i)
-        lax.fori_loop(cta_lo, kv_lo, skip_step, None)
-        carry = lax.fori_loop(kv_lo, kv_full_lo, step_fn(True), carry)
-        carry = lax.fori_loop(kv_full_lo, kv_full_hi, step_fn(False), carry)
-        acc, m_i, l_i = lax.fori_loop(kv_full_hi, kv_hi, step_fn(True), carry)
-        lax.fori_loop(kv_hi, cta_hi, skip_step, None)
+        acc, m_i, l_i = _range_steps((cta_lo, kv_lo, kv_full_lo, kv_full_hi, kv_hi, cta_hi), skip_step, step_fn,
+                                     (acc, m_i, l_i))
         pl.when(wg == 0)(schedule_barrier)
 
         inv_l = 1.0 / l_i
@@ -451,11 +462,7 @@ def _streamed_call(*, row_ops, stream_ops, n_groups, table, block_s, batch, head
                         tuple(x.at[slot] for x in stream_ready), tuple(x.at[slot] for x in done), c)
           return run
 
-        lax.fori_loop(cta_lo, lo, skip_step, None)
-        carry = lax.fori_loop(lo, full_lo, body(True), carry)
-        carry = lax.fori_loop(full_lo, full_hi, body(False), carry)
-        carry = lax.fori_loop(full_hi, hi, body(True), carry)
-        lax.fori_loop(hi, cta_hi, skip_step, None)
+        carry = _range_steps((cta_lo, lo, full_lo, full_hi, hi, cta_hi), skip_step, body, carry)
         stores = finish(mine, ctx, carry)
         plgpu.commit_smem()
         for smem, index in stores:

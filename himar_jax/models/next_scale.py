@@ -38,7 +38,7 @@ from himar_jax.kernels.layout import ScaleLayout
 from himar_jax.nn.attention import dot_product_attention
 from himar_jax.nn.indexing import scatter_rows
 from himar_jax.nn.layers import DEFAULT_COMPUTE_DTYPE, Mlp, dense, layer_norm, with_axes
-from himar_jax.nn.transformer import REMAT_POLICIES, call_checkpointed, check_remat, stack_states
+from himar_jax.nn.transformer import call_checkpointed, check_remat, scan_stack, stack_states
 from himar_jax.parallel.sharding import constrain
 from himar_jax.tokenizers import resize
 from himar_jax.tokenizers.vq_pyramid import ResidualQuantizer, VQPyramidConfig
@@ -384,19 +384,8 @@ class NextScaleTransformer(nnx.Module):
     # rate, so block 0's graph is used and each block's rate travels as data; same keys, same result.
     graphdef, stacked = stack_states(blocks, same_graph=False)
     rates = jnp.asarray([blk.drop_path for blk in blocks], jnp.float32)
-
-    def body(x, cond, state, rate, k):
-      return nnx.merge(graphdef, state)(x, cond, layout=layout, key=k, drop_path=rate)
-
-    if REMAT_POLICIES[self.remat] is not None:
-      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])
-
-    def step(x, per_block):
-      state, rate, k = per_block
-      return constrain(body(constrain(x), cond, state, rate, k)), None
-
-    x, _ = jax.lax.scan(step, x, (stacked, rates, keys))
-    return x
+    call = lambda blk, x, per, cond: blk(x, cond, layout=layout, key=per[1], drop_path=per[0])
+    return scan_stack(graphdef, stacked, x, (rates, keys), call, self.remat, cond)
 
   def logits(self, labels, x_in, *, drop=None, key=None, branch: str = "ns", word=None):
     """Teacher-forced logits (B, L, V) float32. labels (B,); x_in (B, L - first_l, z) next-scale inputs;

@@ -99,18 +99,29 @@ def run_blocks(blocks, x, policy: str, *args, rngs: nnx.Rngs | None = None, scan
   keys = None if rngs is None else jnp.stack([rngs.dropout() for _ in blocks])  # the unrolled loop's keys
   arrays, static = _split_kwargs(kwargs)
 
-  def body(x, state, key, args, arrays):
+  def call(block, x, key, args, arrays):
     extra = {} if key is None else {"rngs": nnx.Rngs(dropout=key)}
-    return nnx.merge(graphdef, state)(x, *args, **arrays, **static, **extra)
+    return block(x, *args, **arrays, **static, **extra)
 
-  if REMAT_POLICIES[policy] is not None:
+  return scan_stack(graphdef, stacked, x, keys, call, policy, args, arrays)
+
+
+def scan_stack(graphdef, stacked, x, per_block, call, policy: str, *operands):
+  """x through one lax.scan over a block stack's stacked states (stack_states): per block,
+  x = call(block, x, its slice of per_block, *operands), checkpointed with `policy` and pinned to the batch axes
+  (constrain) on both sides, as the unrolled stacks are. per_block: arrays with a leading block axis (dropout keys,
+  per-block rates) or None; operands (arrays shared by every block) are passed explicitly, not closed over."""
+  def body(x, state, per, operands):
+    return call(nnx.merge(graphdef, state), x, per, *operands)
+
+  if REMAT_POLICIES[check_remat(policy)] is not None:
     body = jax.checkpoint(body, policy=REMAT_POLICIES[policy])
 
-  def step(x, per_block):
-    state, key = per_block
-    return constrain(body(constrain(x), state, key, args, arrays)), None
+  def step(x, xs):
+    state, per = xs
+    return constrain(body(constrain(x), state, per, operands)), None
 
-  x, _ = jax.lax.scan(step, x, (stacked, keys))
+  x, _ = jax.lax.scan(step, x, (stacked, per_block))
   return x
 
 
