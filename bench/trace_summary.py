@@ -7,7 +7,10 @@ read). Events on device processes (name containing "/device:") are summed per ke
 (cuBLAS / CUTLASS gemm kernels), attention (cuDNN / flash kernels), and XLA fusions split by what they are named
 after (loop / input (reductions) / transpose / ...), and collectives (NCCL kernels). --steps divides the totals
 into per-step milliseconds, and with several device processes (one SPMD program on N GPUs) they are averaged per
-device. Needs only the standard library, so it runs on the GPU machine as is.
+device. The timeline per device (averaged over devices, per step): span (first kernel start to last kernel end), busy
+(the union of kernel intervals over all streams), idle = span - busy (waits: host dispatch, a slower peer GPU),
+and the collective time that no compute kernel overlaps (exposed). Needs only the standard library, so it runs on
+the GPU machine as is.
 
 --hlo names the program's optimised HLO text (XLA_FLAGS=--xla_dump_to=DIR: the `*after_optimizations.txt` of the
 jitted function): each top kernel that is an XLA fusion then gets the shapes it writes and the JAX operation it
@@ -54,6 +57,50 @@ def kind_of(name: str) -> str:
   return "other"
 
 
+def _union(intervals) -> list[tuple[float, float]]:
+  merged: list[list[float]] = []
+  for start, end in sorted(intervals):
+    if merged and start <= merged[-1][1]:
+      merged[-1][1] = max(merged[-1][1], end)
+    else:
+      merged.append([start, end])
+  return [(a, b) for a, b in merged]
+
+
+def _overlap(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+  """Total length of the intersection of two sorted, disjoint interval lists."""
+  i = j = 0
+  total = 0.0
+  while i < len(a) and j < len(b):
+    lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+    total += max(0.0, hi - lo)
+    if a[i][1] < b[j][1]:
+      i += 1
+    else:
+      j += 1
+  return total
+
+
+def timeline(kernels_by_pid: dict) -> dict[str, float]:
+  """{span, busy, idle, collective, collective_exposed} in us summed over devices, from {pid: [(ts, dur, kind)]}."""
+  out = collections.Counter()
+  for kernels in kernels_by_pid.values():
+    if not kernels:
+      continue
+    busy = _union((ts, ts + dur) for ts, dur, _ in kernels)
+    coll = _union((ts, ts + dur) for ts, dur, kind in kernels if kind == "collective")
+    compute = _union((ts, ts + dur) for ts, dur, kind in kernels if kind != "collective")
+    span = busy[-1][1] - busy[0][0]
+    busy_us = sum(b - a for a, b in busy)
+    coll_us = sum(b - a for a, b in coll)
+    out["span"] += span
+    out["busy"] += busy_us
+    out["idle"] += span - busy_us
+    out["collective"] += coll_us
+    out["collective_exposed"] += coll_us - _overlap(coll, compute)
+  return out
+
+
 def summarize(trace_path, *, device_filter: str = "/device:", steps: int = 1, top: int = 40) -> dict:
   with gzip.open(trace_path, "rb") as f:
     trace = json.load(f)
@@ -64,11 +111,13 @@ def summarize(trace_path, *, device_filter: str = "/device:", steps: int = 1, to
   by_name: dict[str, float] = collections.defaultdict(float)
   count: dict[str, int] = collections.Counter()
   hlo: dict[str, str] = {}
+  kernels_by_pid: dict[int, list] = collections.defaultdict(list)
   for e in events:
     if e.get("ph") != "X" or e.get("pid") not in device_pids:
       continue
     name = e.get("name", "?")
     by_name[name] += float(e.get("dur", 0.0))
+    kernels_by_pid[e["pid"]].append((float(e.get("ts", 0.0)), float(e.get("dur", 0.0)), kind_of(name)))
     count[name] += 1
     args = e.get("args") or {}
     if name not in hlo:
@@ -82,6 +131,7 @@ def summarize(trace_path, *, device_filter: str = "/device:", steps: int = 1, to
   return {
       "trace": str(trace_path), "device_processes": sorted(process[p] for p in device_pids),
       "steps": steps, "device_ms_per_step": ms(total_us),
+      "timeline_ms_per_step": {k: round(ms(v), 3) for k, v in timeline(kernels_by_pid).items()},
       "by_kind_ms_per_step": {k: round(ms(v), 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
       "top_kernels": [{"name": n[:160], "kind": kind_of(n), "ms_per_step": round(ms(us), 3),
                        "calls_per_step": count[n] / per, "share": round(us / total_us, 4),
@@ -170,6 +220,8 @@ def read_text(path: str) -> str:
 def print_summary(summary: dict, file=sys.stdout) -> None:
   print(f"{summary['trace']}\ndevice time {summary['device_ms_per_step']:.2f} ms/step "
         f"({', '.join(summary['device_processes'])})", file=file)
+  if summary.get("timeline_ms_per_step"):
+    print("  timeline: " + ", ".join(f"{k} {v:.3f} ms" for k, v in summary["timeline_ms_per_step"].items()), file=file)
   for kind, v in summary["by_kind_ms_per_step"].items():
     print(f"  {kind:28s} {v:9.3f} ms", file=file)
   print(f"{'ms/step':>9} {'share':>6} {'calls':>6}  kernel [hlo op]", file=file)

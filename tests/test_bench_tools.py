@@ -174,3 +174,23 @@ def test_trace_summary_finds_the_dumped_program(tmp_path):
   found = trace_summary.hlo_dump_of("jit_step_fn", f"--xla_foo --xla_dump_to={tmp_path}")
   assert found.endswith("gpu_after_optimizations.txt")
   assert trace_summary.hlo_dump_of("jit_step_fn", "--xla_foo") is None
+
+
+def test_timeline_measures_idle_gaps_and_exposed_collectives(tmp_path):
+  """Per device: span 0..1000 us, kernels cover 0..300 and 500..1000 (idle 200); the all-reduce 800..1100 overlaps
+  compute for 200 of its 300 us. Two devices, the second identical but shifted, so the per-device averages equal
+  one device's; two steps halve them."""
+  meta = lambda pid, name: {"ph": "M", "name": "process_name", "pid": pid, "args": {"name": name}}
+  kernel = lambda pid, tid, name, ts, dur: {"ph": "X", "pid": pid, "tid": tid, "name": name, "ts": ts, "dur": dur,
+                                            "args": {}}
+  nccl = "ncclDevKernel_AllReduce_Sum_f32_RING_LL"
+  events = [meta(1, "/device:GPU:0"), meta(2, "/device:GPU:1")]
+  for pid, shift in ((1, 0.0), (2, 5000.0)):
+    events += [kernel(pid, 1, "sm90_xmma_gemm", shift + 0, 200), kernel(pid, 1, "loop_add_fusion", shift + 100, 200),
+               kernel(pid, 1, "input_reduce_fusion", shift + 500, 500), kernel(pid, 2, nccl, shift + 800, 300)]
+  _write_trace(str(tmp_path), events)
+  s = trace_summary.summarize(trace_summary.newest_trace(str(tmp_path)), steps=2)
+  t = s["timeline_ms_per_step"]
+  assert t["span"] == pytest.approx(1.1 / 2) and t["busy"] == pytest.approx(0.9 / 2)
+  assert t["idle"] == pytest.approx(0.2 / 2)
+  assert t["collective"] == pytest.approx(0.3 / 2) and t["collective_exposed"] == pytest.approx(0.1 / 2)
