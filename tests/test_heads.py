@@ -298,3 +298,39 @@ def test_converter_rejects_mismatched_head():
   sd["sd/pos_embed"] = sd["sd/pos_embed"][:, ::-1].copy()
   with pytest.raises(ValueError, match="not the fixed 2D sin-cos"):
     convert_head_state_dict("dit", sd, prefix="sd/")
+
+
+def _dots_by_loop_depth(jaxpr, depth=0, out=None):
+  """[(loop nesting depth, rhs shape)] of every dot_general in a jaxpr and its sub-jaxprs (loops: while, scan)."""
+  out = [] if out is None else out
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      out.append((depth, tuple(eqn.invars[1].aval.shape)))
+    inner = depth + (eqn.primitive.name in ("while", "scan"))
+    for v in eqn.params.values():
+      for j in (v if isinstance(v, (tuple, list)) else (v,)):
+        if hasattr(j, "jaxpr") and hasattr(j.jaxpr, "eqns"):
+          _dots_by_loop_depth(j.jaxpr, inner, out)
+        elif hasattr(j, "eqns"):
+          _dots_by_loop_depth(j, inner, out)
+  return out
+
+
+@pytest.mark.parametrize("kind", ["mlp", "dit"])
+def test_samplers_embed_the_condition_once_outside_the_diffusion_loop(kind):
+  """z is fixed within a sampling loop: its embedding (the only matmul contracting z's 8 channels) runs once,
+  outside the loop, while the timestep-dependent layers run inside it."""
+  if kind == "mlp":
+    head = H.MlpHead(4, 8, 16, 1, rngs=nnx.Rngs(0))
+    run = lambda z: H.mlp_head_sample(head, create_diffusion("5"), z, cfg_scale=2.0, key=jax.random.key(0))
+    z = jnp.ones((6, 8))
+  else:
+    head = H.DiTHead(4, 8, 32, 1, 2, grid_size=4, rngs=nnx.Rngs(0))
+    run = lambda z: H.dit_head_sample(head, create_diffusion("5", learn_sigma=False), z, cfg_scale=2.0,
+                                      known=jnp.zeros((1, 16, 4)), predict_mask=jnp.ones((1, 16), bool),
+                                      key=jax.random.key(0))
+    z = jnp.ones((2, 16, 8))
+  dots = _dots_by_loop_depth(jax.make_jaxpr(run)(z).jaxpr)
+  embeds = [d for d, shape in dots if shape[0] == 8]
+  assert embeds == [0], dots
+  assert any(d >= 1 for d, _ in dots)  # the denoiser itself runs inside the loop

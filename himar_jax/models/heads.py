@@ -140,8 +140,17 @@ class MlpHead(nnx.Module):
       raise ValueError(f"MlpHead takes tokens (N, {self.in_channels}); got {x.shape}.")
     if z.shape[0] != x.shape[0] or t.shape != x.shape[:1]:
       raise ValueError(f"x {x.shape}, t {t.shape} and z {z.shape} must share the leading (token) dimension.")
+    return self.denoise(x, t, self.embed_condition(z))
+
+  def embed_condition(self, z):
+    """cond_embed(z) (N, width) float32: the timestep-free part of the condition, computed once per sampling
+    loop (z is fixed within it)."""
+    return _f32(self.cond_embed(z))
+
+  def denoise(self, x, t, z_emb):
+    """The head's output from z_emb = embed_condition(z)."""
     h = _f32(self.input_proj(x))
-    y = constrain(self.time_embed(t) + _f32(self.cond_embed(z)))  # token rows: batch-sharded (see constrain)
+    y = constrain(self.time_embed(t) + z_emb)  # token rows: batch-sharded (see constrain)
     for block in self.res_blocks:
       h = block(constrain(h), y)
     return constrain(self.final_layer(constrain(h), y))
@@ -217,8 +226,17 @@ class DiTHead(nnx.Module):
                        f"{self.grid_size} grid, row-major); got {x.shape}.")
     if z.ndim != 3 or z.shape[:2] != x.shape[:2] or t.shape != x.shape[:1]:
       raise ValueError(f"z must be (N, {seq}, Dz) and t (N,) for x {x.shape}; got z {z.shape}, t {t.shape}.")
+    return self.denoise(x, t, self.embed_condition(z))
+
+  def embed_condition(self, z):
+    """c_embedder(z) (N, L, width) float32: the timestep-free part of the per-token condition. A sampler
+    computes it once per decoder map and reuses it at every diffusion step (z does not change within a loop)."""
+    return _f32(self.c_embedder(z))
+
+  def denoise(self, x, t, z_emb):
+    """The head's output from z_emb = embed_condition(z) (what __call__ computes after embedding z)."""
     h = _f32(self.x_embedder(x)) + self.pos_embed()[None]
-    c = constrain(self.t_embedder(t)[:, None, :] + _f32(self.c_embedder(z)))
+    c = constrain(self.t_embedder(t)[:, None, :] + z_emb)
     h = run_blocks(self.blocks, h, self.remat, c, scan=self.scan_blocks)
     return constrain(self.final_layer(h, c))
 
@@ -272,11 +290,12 @@ def dit_head_loss(head: DiTHead, diffusion: GaussianDiffusion, target, z, mask, 
 # Samplers
 # ----------------------------------------------------------------------------------------------------------------
 
-def _guided(head, z, cfg_scale, channels):
-  """model_fn over the conditional half with CFG on eps: z holds [cond rows; uncond rows] (2B rows)."""
+def _guided(apply, z, cfg_scale, channels):
+  """model_fn over the conditional half with CFG on eps: z holds [cond rows; uncond rows] (2B rows); apply(x, t, z)
+  runs the head (a head's denoise with z = its embed_condition)."""
 
   def model_fn(x, t):
-    out = head(jnp.concatenate([x, x]), jnp.concatenate([t, t]), z)
+    out = apply(jnp.concatenate([x, x]), jnp.concatenate([t, t]), z)
     b = x.shape[0]
     cond, uncond = out[:b], out[b:]
     eps = uncond[..., :channels] + cfg_scale * (cond[..., :channels] - uncond[..., :channels])
@@ -316,7 +335,9 @@ def mlp_head_sample(head: MlpHead, diffusion: GaussianDiffusion, z, *, cfg_scale
   if cfg_scale is not None and z.shape[0] % 2:
     raise ValueError(f"with cfg_scale, z must stack conditional and unconditional rows (even count); got {z.shape}.")
   c = head.in_channels
-  model_fn = (lambda x, t: head(x, t, z)) if cfg_scale is None else _guided(head, z, cfg_scale, c)
+  z_emb = head.embed_condition(z)  # hoisted out of the diffusion loop
+  model_fn = ((lambda x, t: head.denoise(x, t, z_emb)) if cfg_scale is None
+              else _guided(head.denoise, z_emb, cfg_scale, c))
   x_init, loop_key = _start((b, c), key, noise, step_noise)
   return diffusion.p_sample_loop(model_fn, x_init, key=loop_key, step_noise=step_noise, temperature=temperature)
 
@@ -336,7 +357,10 @@ def dit_head_sample(head: DiTHead, diffusion: GaussianDiffusion, z, *, known, pr
   if known.shape != shape or predict_mask.shape != shape[:2]:
     raise ValueError(f"known must be {shape} and predict_mask {shape[:2]} for z {z.shape}; got "
                      f"{known.shape} and {predict_mask.shape}.")
-  model_fn = (lambda x, t: head(x, t, z)) if cfg_scale is None else _guided(head, z, cfg_scale, head.in_channels)
+  # The condition embedding is hoisted out of the diffusion loop (one c_embedder matmul per map, not per step).
+  z_emb = head.embed_condition(z)
+  model_fn = ((lambda x, t: head.denoise(x, t, z_emb)) if cfg_scale is None
+              else _guided(head.denoise, z_emb, cfg_scale, head.in_channels))
   if method not in ("ddpm", "ddim"):
     raise ValueError(f"DiT head sampling method={method!r} is not one of 'ddpm', 'ddim'.")
   x_init, loop_key = _start(shape, key, noise, step_noise, noiseless=method == "ddim")
