@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from himar_jax import models
-from himar_jax.nn.indexing import scatter_rows
+from himar_jax.nn.indexing import lookup_rows, scatter_rows
 from himar_jax.parallel import mesh as mesh_lib, sharding as sharding_lib
 from himar_jax.train.optimizer import make_optimizer
 from himar_jax.train.state import make_train_setup
@@ -57,6 +57,37 @@ def test_scatter_rows_matches_indexing_and_stays_batch_sharded():
   explicit = jax.jit(lambda d_, r, v: d_.at[jnp.arange(b)[:, None], r].set(v), in_shardings=(sharded,) * 3,
                      out_shardings=sharded)
   assert "all-gather" in explicit.lower(dest, rows, values).compile().as_text()
+
+
+def test_lookup_rows_gradient_is_a_batch_contracting_matmul():
+  """Class-embedding lookups: values are table rows, the table's gradient sums the rows' cotangents per id (float64
+  NumPy reference, repeated ids), and the backward pass is a dot_general with no scatter: a matmul contracting the
+  batch is partitioned as local products + an all-reduce, where XLA's GPU partitioner split the scatter-add of
+  Hi-MAR-B's class embedding along its width (all-gather / all-to-all mid-backward on two GPUs)."""
+  rng = np.random.default_rng(1)
+  table = rng.standard_normal((11, 6)).astype(np.float32)
+  ids = np.array([[3, 0, 3], [10, 3, 7]], np.int32)
+  g = rng.standard_normal((2, 3, 6)).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(lookup_rows(table, ids)), table[ids])
+  loss = lambda t: jnp.sum(lookup_rows(t, ids) * g)
+  expected = np.zeros(table.shape, np.float64)
+  np.add.at(expected, ids.reshape(-1), g.reshape(-1, 6).astype(np.float64))
+  np.testing.assert_allclose(np.asarray(jax.grad(loss)(table)), expected, rtol=1e-6, atol=1e-6)
+  backward = str(jax.make_jaxpr(jax.grad(loss))(table))
+  assert "dot_general" in backward and "scatter" not in backward
+  assert "scatter" in str(jax.make_jaxpr(jax.grad(lambda t: jnp.sum(t[ids] * g)))(table))  # what it replaces
+
+  mesh = mesh_lib.make_mesh((8, 1, 1))
+  labels = np.arange(16, dtype=np.int32) % 11
+  cot = rng.standard_normal((16, 6)).astype(np.float32)
+  sharded = NamedSharding(mesh, P("data"))
+  step = jax.jit(jax.grad(lambda t, i, c: jnp.sum(lookup_rows(t, i) * c)),
+                 in_shardings=(NamedSharding(mesh, P()), sharded, sharded))
+  hlo = step.lower(table, labels, cot).compile().as_text()
+  assert not re.search(r"all-gather|all-to-all", hlo) and "all-reduce" in hlo
+  expected = np.zeros(table.shape, np.float64)
+  np.add.at(expected, labels, cot.astype(np.float64))
+  np.testing.assert_allclose(np.asarray(step(table, labels, cot)), expected, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("spec", ["next_scale:hmar_tiny", "himar:himar_tiny"])

@@ -32,7 +32,7 @@ from flax import nnx
 
 from himar_jax.diffusion.gaussian import create_diffusion
 from himar_jax.models import heads
-from himar_jax.nn.indexing import scatter_rows
+from himar_jax.nn.indexing import lookup_rows, scatter_rows
 from himar_jax.nn.layers import DROPOUT_RNGS, dense, dropout_bits_for, dropout_rngs, embed, layer_norm, with_axes
 from himar_jax.nn.transformer import Block, call_checkpointed, check_remat, run_blocks
 
@@ -203,7 +203,7 @@ class MAR(nnx.Module):
 
   # -- backbone --------------------------------------------------------------------------------------------------
   def class_embedding(self, labels, drop=None):
-    emb = self.class_emb(labels).astype(jnp.float32)
+    emb = lookup_rows(self.class_emb.embedding[...], labels).astype(jnp.float32)  # batch-parallel gradient
     if drop is None:
       return emb
     return jnp.where(drop[:, None], self.fake_latent[...], emb)

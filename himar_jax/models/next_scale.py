@@ -36,7 +36,7 @@ from flax import nnx
 
 from himar_jax.kernels.layout import ScaleLayout
 from himar_jax.nn.attention import dot_product_attention
-from himar_jax.nn.indexing import scatter_rows
+from himar_jax.nn.indexing import lookup_rows, scatter_rows
 from himar_jax.nn.layers import DEFAULT_COMPUTE_DTYPE, Mlp, dense, layer_norm, with_axes
 from himar_jax.nn.transformer import call_checkpointed, check_remat, scan_stack, stack_states
 from himar_jax.parallel.sharding import constrain
@@ -350,7 +350,7 @@ class NextScaleTransformer(nnx.Module):
     """Class embedding (B, C); `drop` (B,) bool replaces the label by the unconditional index num_classes."""
     if drop is not None:
       labels = jnp.where(drop, self.num_classes, labels)
-    return jnp.take(self.class_emb[...], labels, axis=0)
+    return lookup_rows(self.class_emb[...], labels)
 
   def _word(self, x):
     return self.word_embed(x.astype(jnp.float32))
