@@ -47,6 +47,8 @@ def main():
   p.add_argument("--scan_blocks", type=int, default=None, help="config.model.scan_blocks override: 0 | 1")
   p.add_argument("--dropout_rng", default=None, help="config.model.dropout_rng override: threefry | rbg")
   p.add_argument("--buckets", type=int, default=None, help="config.model.encoder_buckets override")
+  p.add_argument("--gradients", default="spmd", help="config.mesh.gradients: spmd | per_device (pure data "
+                 "parallelism with one all-reduce; see himar_jax/train/step.py)")
   p.add_argument("--compile_only", action="store_true", help="print the compiled memory analysis and stop")
   p.add_argument("--profile", default=None, help="trace 3 more steps into this log_dir and print where the device "
                  "time goes (bench/trace_summary.py)")
@@ -66,7 +68,8 @@ def main():
   mesh = mesh_lib.mesh_from_config(config)
   setup = make_train_setup(models.model_fn(config), make_optimizer(config, 10_000), mesh)
   state = init_train_state(setup, config.seed)
-  step = make_train_step(setup, config.optim.ema_decay)
+  config.mesh.gradients = args.gradients
+  step = make_train_step(setup, config.optim.ema_decay, gradients=args.gradients)
   rng = np.random.default_rng(0)
   m = config.model
   batch = {"latent": rng.standard_normal((args.batch, 16, 16, m.token_dim), np.float32),
@@ -117,7 +120,8 @@ def main():
       "command": "PYTHONPATH=. python " + " ".join(sys.argv),
       "device": jax.devices()[0].device_kind, "num_devices": n_dev, "jax": jax.__version__,
       "variant": args.variant, "params": count_params(state.params), "global_batch": args.batch,
-      "mesh": dict(mesh.shape), "compile_s": round(compile_s, 1), "step_s": step_s,
+      "mesh": dict(mesh.shape), "gradients": args.gradients, "compile_s": round(compile_s, 1),
+      "step_s": step_s,
       "images_per_s": args.batch / step_s,
       "peak_memory_gib": stats.get("peak_bytes_in_use", float("nan")) / 2 ** 30,
       "compiled_temp_gib": getattr(mem, "temp_size_in_bytes", float("nan")) / 2 ** 30,

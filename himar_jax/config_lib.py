@@ -13,6 +13,9 @@ def trainer_defaults() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.mesh = ml_collections.ConfigDict({"shape": (-1, 1, 1)})  # (data, fsdp, tensor); -1 fills the rest
+  # "spmd": one partitioned program (any mesh; losses equal one device's); "per_device": pure data parallelism
+  # with per-device draws and one gradient all-reduce, as PyTorch DDP (train/step.py says when it is faster).
+  c.mesh.gradients = "spmd"
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "fashion_mnist"
@@ -101,3 +104,6 @@ def validate(config) -> None:
     raise ValueError(f"config.optim.grad_clip={config.optim.grad_clip} must be >= 0 (0 disables clipping).")
   if len(tuple(config.mesh.shape)) != 3:
     raise ValueError(f"config.mesh.shape={tuple(config.mesh.shape)} needs 3 entries (data, fsdp, tensor).")
+  from himar_jax.train.step import GRADIENT_MODES  # noqa: PLC0415 (the step module owns the modes)
+  if config.mesh.get("gradients", "spmd") not in GRADIENT_MODES:
+    raise ValueError(f"config.mesh.gradients={config.mesh.gradients!r} is not one of {GRADIENT_MODES}.")

@@ -109,7 +109,7 @@ def constrain(x, logical: Sequence[str | None] = ("batch",)):
   weights' and all-reducing every matmul output over the fsdp axis.
   """
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
+  if mesh.empty or mesh.size == 1 or mesh.manual_axes:  # inside shard_map every value is already local
     return x
   logical = tuple(logical) + (None,) * (x.ndim - len(logical))
   return jax.lax.with_sharding_constraint(x, logical_to_mesh_spec(logical, x.shape, mesh))
@@ -128,6 +128,16 @@ def per_shard(fn, *xs, logical: Sequence[str | None]):
     return fn(*xs)
   spec = logical_to_mesh_spec(logical, xs[0].shape, mesh)
   return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(xs), out_specs=spec)(*xs)
+
+
+def mark_varying(tree, axes: Sequence[str]):
+  """tree with every leaf typed as varying over the manual mesh `axes` (inside jax.shard_map). Marking replicated
+  params once at the top of a per-device loss makes their gradients local sums that one explicit reduction
+  averages, instead of a psum at every place a param meets per-device values."""
+  axes = tuple(axes)
+  if hasattr(jax.lax, "pcast"):  # jax >= 0.10; older versions spell it pvary
+    return jax.tree.map(lambda x: jax.lax.pcast(x, axes, to="varying"), tree)
+  return jax.tree.map(lambda x: jax.lax.pvary(x, axes), tree)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

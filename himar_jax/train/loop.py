@@ -144,7 +144,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> TrainState:
   else:
     state = ckpt.restore(start, setup.abstract_state, data_iter)
     log.info("resumed from %s at step %d", ckpt.directory, start)
-  step_fn = make_train_step(setup, config.optim.ema_decay)
+  step_fn = make_train_step(setup, config.optim.ema_decay, gradients=config.mesh.get("gradients", "spmd"))
 
   is_main = jax.process_index() == 0
   # Only process 0 writes TensorBoard events and console metrics; the others get a writer that drops them.
