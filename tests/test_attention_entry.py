@@ -3,6 +3,7 @@ backward rejects odd lengths only when the backward is traced, e.g. under jax.ch
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from himar_jax.nn import attention
 
@@ -35,3 +36,22 @@ def test_cudnn_path_pads_odd_masked_lengths_and_matches_reference(monkeypatch):
     assert np.all(np.isfinite(np.asarray(a)))
     np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-5)
   assert seen and all(n == 84 for n in seen)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_self_attention_projects_q_k_v_separately_as_the_fused_qkv(dtype):
+  """q, k, v come from three matmuls on the thirds of the one fused qkv kernel (the checkpoint layout): the same
+  numbers as slicing qkv(x), without the slice copies (no dot in the layer writes the fused 3 x width output)."""
+  from flax import nnx
+
+  from himar_jax.nn.transformer import SelfAttention
+
+  attn = SelfAttention(64, 4, rngs=nnx.Rngs(0), dtype=dtype)
+  x = jax.random.normal(jax.random.key(1), (2, 10, 64))
+  fused = attn.qkv(x).reshape(2, 10, 3, 4, 16)
+  for i in range(3):
+    np.testing.assert_array_equal(np.asarray(attn._project(x, i).reshape(2, 10, 4, 16), np.float32),
+                                  np.asarray(fused[:, :, i], np.float32))
+  jaxpr = jax.make_jaxpr(lambda x: attn(x))(x)
+  widths = [eqn.outvars[0].aval.shape[-1] for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name == "dot_general"]
+  assert 3 * 64 not in widths and widths[:3] == [64, 64, 64]  # q, k, v first (then the scores, PV, proj)
