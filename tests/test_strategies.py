@@ -118,3 +118,7 @@ def test_per_device_gradients_need_a_pure_data_parallel_mesh():
     make_train_step(setup, 0.9, gradients="per_device")
   with pytest.raises(ValueError, match="config.mesh.gradients='ddp'"):
     make_train_step(setup, 0.9, gradients="ddp")
+  from himar_jax import config_lib
+  config.mesh.gradients = "ddp"
+  with pytest.raises(ValueError, match="config.mesh.gradients='ddp' is not one of"):
+    config_lib.validate(config)
