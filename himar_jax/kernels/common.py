@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from himar_jax.parallel.sharding import mark_varying
+
 # Finite "minus infinity" for masked logits: exp(MASK - finite) underflows to 0 and MASK - MASK stays finite.
 MASK_VALUE = -1e30
 NN = (((1,), (0,)), ((), ()))  # a @ b
@@ -52,5 +54,4 @@ def match_vma(x, like):
   missing = _varying(like) - _varying(x)
   if not missing:
     return x
-  axes = tuple(sorted(missing))
-  return lax.pcast(x, axes, to="varying") if hasattr(lax, "pcast") else lax.pvary(x, axes)
+  return mark_varying(x, tuple(sorted(missing)))
