@@ -74,8 +74,8 @@ def test_logged_loss_is_the_mean_of_the_step_losses(fake_fashion_mnist, tmp_path
   monkeypatch.setattr(loop.metric_writers, "create_default_writer", lambda *a, **k: writer)
   step_metrics = []
 
-  def recording_step(setup, ema_decay):
-    step_fn = make_train_step(setup, ema_decay)
+  def recording_step(setup, ema_decay, **kwargs):
+    step_fn = make_train_step(setup, ema_decay, **kwargs)
 
     def step(state, batch):
       state, metrics = step_fn(state, batch)
