@@ -10,7 +10,8 @@ Each point is bench/himar_train.py in its own process, restricted to its first n
 GPUs, --xla_force_host_platform_device_count on the CPU), at a global batch of n x --per_device_batch, so the
 peak memory is that point's alone. --meshes lists the strategies at every n > 1: data (the mesh (-1, 1, 1)) and
 fsdp ((1, -1, 1): params, EMA and Adam moments sharded). speedup[n] = images/s at n / images/s at 1, for the
-first strategy; the pods issue's target is >= 1.9 at n = 2.
+first strategy; the pods issue's target is >= 1.9 at n = 2. Flags it does not know go to himar_train.py, e.g.
+--gradients=per_device (DDP-style data parallelism: the one-device program per device plus one all-reduce).
 """
 from __future__ import annotations
 
