@@ -51,7 +51,8 @@ def test_unreachable_coordinator_times_out_naming_the_address():
   assert f"could not join the multi-process job through localhost:{port} within 5 s" in out.stderr
 
 
-def test_two_processes_train_and_checkpoint(fake_fashion_mnist, tmp_path):
+@pytest.mark.parametrize("gradients", ["spmd", "per_device"])
+def test_two_processes_train_and_checkpoint(fake_fashion_mnist, tmp_path, gradients):
   port = _free_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="4", XLA_FLAGS="")
   procs, logs = [], []
@@ -59,7 +60,8 @@ def test_two_processes_train_and_checkpoint(fake_fashion_mnist, tmp_path):
     cmd = [sys.executable, "-m", "himar_jax", "train", "--config=configs/quickstart.py:tiny",
            f"--config.data.path={fake_fashion_mnist}", "--config.train.num_steps=3",
            "--config.train.checkpoint_every=3", "--config.train.log_every=1", f"--workdir={tmp_path}",
-           f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={pid}"]
+           f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={pid}",
+           f"--config.mesh.gradients={gradients}"]
     # Output to files, not pipes: a full pipe would block one process inside a collective the other waits on.
     logs.append(open(tmp_path / f"process_{pid}.log", "w+"))
     procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=logs[-1], stderr=subprocess.STDOUT))
