@@ -104,6 +104,6 @@ def validate(config) -> None:
     raise ValueError(f"config.optim.grad_clip={config.optim.grad_clip} must be >= 0 (0 disables clipping).")
   if len(tuple(config.mesh.shape)) != 3:
     raise ValueError(f"config.mesh.shape={tuple(config.mesh.shape)} needs 3 entries (data, fsdp, tensor).")
-  from himar_jax.train.step import GRADIENT_MODES  # noqa: PLC0415 (the step module owns the modes)
+  from himar_jax.train.step import GRADIENT_MODES  # the step owns the modes; imported here, not at load time
   if config.mesh.get("gradients", "spmd") not in GRADIENT_MODES:
     raise ValueError(f"config.mesh.gradients={config.mesh.gradients!r} is not one of {GRADIENT_MODES}.")
