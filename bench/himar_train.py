@@ -68,7 +68,6 @@ def main():
   mesh = mesh_lib.mesh_from_config(config)
   setup = make_train_setup(models.model_fn(config), make_optimizer(config, 10_000), mesh)
   state = init_train_state(setup, config.seed)
-  config.mesh.gradients = args.gradients
   step = make_train_step(setup, config.optim.ema_decay, gradients=args.gradients)
   rng = np.random.default_rng(0)
   m = config.model

@@ -123,7 +123,8 @@ def main(argv=None):
       points.append(run_point(args, n, strategy, platform))
       print(json.dumps(points[-1]), flush=True)
       report = {"command": command, "variant": args.variant, "per_device_batch": args.per_device_batch,
-                "xla_flags": os.environ.get("XLA_FLAGS", ""), "interconnect": interconnect, "points": points, "speedup": {s: speedups(points, s) for s in strategies}}
+                "xla_flags": os.environ.get("XLA_FLAGS", ""), "interconnect": interconnect, "points": points,
+                "speedup": {s: speedups(points, s) for s in strategies}}
       if args.out:  # after every point, so a run stopped at its time limit keeps what it measured
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

@@ -33,7 +33,7 @@ def _lookup_bwd(num_rows, ids, g):
   # Exact in float32 (products with 1 and 0); rows sharing an id are summed by the matmul's accumulation.
   grad = jnp.einsum("nv,nd->vd", one_hot, flat, precision=jax.lax.Precision.HIGHEST,
                     preferred_element_type=jnp.float32)
-  return grad, None
+  return grad.astype(g.dtype), None  # the table's dtype (g is table rows)
 
 
 _lookup.defvjp(_lookup_fwd, _lookup_bwd)
@@ -47,4 +47,4 @@ def lookup_rows(table, ids):
   XLA's GPU partitioner split the scatter-add of Hi-MAR-B's class embedding along its width: an all-gather of the
   labels and all-to-alls of the rows in the middle of the backward pass (on two H200s, 2 ms/step of NCCL send/recv
   waits). For small tables only (the one-hot is ids.size x V)."""
-  return _lookup(table, ids, table.shape[0]).astype(table.dtype)
+  return _lookup(table, ids, table.shape[0])

@@ -99,6 +99,13 @@ def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
   return NamedSharding(mesh, logical_to_mesh_spec(("batch",) + (None,) * (ndim - 1), None, mesh))
 
 
+def _partitioned_mesh():
+  """The enclosing `jax.sharding.use_abstract_mesh` mesh when XLA partitions over it: None when none is set, it
+  has one device, or the caller is inside a shard_map (every value there is already local)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty or mesh.size == 1 or mesh.manual_axes else mesh
+
+
 def constrain(x, logical: Sequence[str | None] = ("batch",)):
   """x with its sharding pinned to the logical axes (remaining dimensions replicated) under the mesh of the
   enclosing `jax.sharding.use_abstract_mesh` (the train step sets it); unchanged when none is set or it has one
@@ -108,8 +115,8 @@ def constrain(x, logical: Sequence[str | None] = ("batch",)):
   (and gathers the fsdp-sharded weights) instead of sharding the activations' embedding dimension like the
   weights' and all-reducing every matmul output over the fsdp axis.
   """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1 or mesh.manual_axes:  # inside shard_map every value is already local
+  mesh = _partitioned_mesh()
+  if mesh is None:
     return x
   logical = tuple(logical) + (None,) * (x.ndim - len(logical))
   return jax.lax.with_sharding_constraint(x, logical_to_mesh_spec(logical, x.shape, mesh))
@@ -123,8 +130,8 @@ def per_shard(fn, *xs, logical: Sequence[str | None]):
   For custom calls XLA's SPMD partitioner cannot split (our Pallas kernels): left to the partitioner, their operands
   are all-gathered and every device computes the whole global batch.
   """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1 or mesh.manual_axes:
+  mesh = _partitioned_mesh()
+  if mesh is None:
     return fn(*xs)
   spec = logical_to_mesh_spec(logical, xs[0].shape, mesh)
   return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(xs), out_specs=spec)(*xs)
