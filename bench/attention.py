@@ -74,6 +74,16 @@ def methods(layout: ScaleLayout, kernel_kwargs):
                                                                 **kernel_kwargs),
       "ours_mgpu_bwd": lambda q, k, v: block_sparse_attention(q, k, v, layout, gpu_bwd_kernel="mosaic",
                                                               **kernel_kwargs),
+      # Triton kernels on a fixed tile grid (before tiles were cut at scale starts), and the Triton forward with
+      # the Mosaic backward on either tiling
+      "ours_triton_grid": lambda q, k, v: block_sparse_attention(q, k, v, layout, gpu_kernel="triton",
+                                                                 gpu_bwd_kernel="triton", align_tiles=False,
+                                                                 **kernel_kwargs),
+      "ours_tfwd_mbwd": lambda q, k, v: block_sparse_attention(q, k, v, layout, gpu_kernel="triton",
+                                                               gpu_bwd_kernel="mosaic", **kernel_kwargs),
+      "ours_tfwd_mbwd_grid": lambda q, k, v: block_sparse_attention(q, k, v, layout, gpu_kernel="triton",
+                                                                    gpu_bwd_kernel="mosaic", align_tiles=False,
+                                                                    **kernel_kwargs),
       "xla_masked": lambda q, k, v: xla_attention(q, k, v, mask),
       "cudnn_masked": _cudnn(layout, masked=True),
       "cudnn_nomask": _cudnn(layout, masked=False),

@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from himar_jax.kernels import PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_1024, ScaleLayout, block_sparse_attention
 from himar_jax.kernels import block_sparse, pallas_gpu, pallas_mgpu
-from himar_jax.kernels.layout import PATTERNS, plan_tiles
+from himar_jax.kernels.layout import PATTERNS, plan_attention_tiles, plan_tiles, segment_starts
 from himar_jax.kernels.reference import reference_attention
 from himar_jax.nn.attention import dot_product_attention
 
@@ -51,13 +51,13 @@ def _interpret(backend):
 
 
 def _check_against_reference(layout, backend, batch, heads, head_dim, dtype, blocks=(None, None, None),
-                             fast_exp=True):
+                             fast_exp=True, **kwargs):
   seed = _seed()
   q, k, v, do = _inputs(seed, layout, batch, heads, head_dim, dtype)
   block_q, block_k, block_bwd = blocks
   fn = jax.jit(lambda q, k, v: block_sparse_attention(
       q, k, v, layout, implementation=backend, interpret=_interpret(backend), block_q=block_q, block_k=block_k,
-      block_bwd=block_bwd, poison_outputs=backend == "pallas_gpu", fast_exp=fast_exp))
+      block_bwd=block_bwd, poison_outputs=backend == "pallas_gpu", fast_exp=fast_exp, **kwargs))
   out, vjp = jax.vjp(fn, q, k, v)
   got = (out, *vjp(do))
   f32 = lambda x: x.astype(jnp.float32)
@@ -129,6 +129,51 @@ def test_tile_plan_visits_exactly_the_nonempty_tiles(pattern, sizes, block_q, bl
   assert np.all(plan.kv_lo <= plan.kv_full_lo) and np.all(plan.kv_full_hi <= plan.kv_hi)
 
 
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("sizes,block_rows,block_cols", [(VAR_SIZES, 64, 32), (VAR_SIZES, 64, 64),
+                                                         (ODD_SIZES, 16, 32), ((7, 50, 2, 33), 32, 16)])
+@pytest.mark.parametrize("align", [True, False])
+def test_row_tiles_cover_every_attended_pair_once(pattern, sizes, block_rows, block_cols, align):
+  # Triton-kernel tiles (query tiles over keys, key tiles over queries): owned rows partition [0, L); each owned
+  # row's attended columns lie inside its tile's steps; full steps hold no masked pair and no column past L.
+  layout = ScaleLayout(sizes, pattern)
+  length = layout.length
+  for tiles, mask in zip(plan_attention_tiles(layout, block_rows, block_cols, align=align),
+                         (layout.dense_mask(), layout.dense_mask().T)):
+    owner = np.full(length, -1)
+    block_rows, block_cols = tiles.block_rows, tiles.block_cols
+    for i, (row0, row_end, col0, steps, full_lo, full_hi) in enumerate(tiles.table[:, :6]):
+      assert row0 < row_end <= row0 + block_rows and np.all(owner[row0:row_end] == -1)
+      assert 0 <= full_lo <= full_hi <= steps and row0 + block_rows <= tiles.l_ext
+      assert col0 + steps * block_cols <= tiles.l_ext
+      owner[row0:row_end] = i
+      cols = np.flatnonzero(mask[row0:row_end].any(axis=0))
+      assert cols.min() >= col0 and cols.max() < col0 + steps * block_cols
+      for j in range(full_lo, full_hi):
+        c = col0 + j * block_cols
+        assert c + block_cols <= length and mask[row0:row_end, c:c + block_cols].all()
+      for j in [*range(full_lo), *range(full_hi, steps)]:  # masked steps: at least one column attended
+        assert mask[row0:row_end, col0 + j * block_cols:col0 + (j + 1) * block_cols].any()
+    assert np.all(owner >= 0)
+    steps = tiles.field("steps")
+    assert np.all(np.diff(steps) <= 0)  # heaviest first
+    if align and pattern != "full":  # a tile never straddles a scale start of a scale at least one tile long
+      starts = np.cumsum((0,) + sizes[:-1])
+      big = starts[np.asarray(sizes) >= block_rows]
+      for row0, row_end in tiles.table[:, :2]:
+        assert not np.any((big > row0) & (big < row_end))
+
+
+def test_aligned_tiles_visit_fewer_pairs_at_var_680():
+  # The reason for aligned tiles (bench/attention_notes.md): VAR's 256 px layout, 64 x 32 forward tiles.
+  def visited(pattern, align):
+    return plan_attention_tiles(ScaleLayout(VAR_SIZES, pattern), 64, 32, align=align)[0].visited
+  assert visited("block_diagonal", True) < 0.85 * visited("block_diagonal", False)
+  assert visited("block_causal", True) < visited("block_causal", False)
+  # Scales 1..25 (55 tokens) share a tile; 36 and 64 tokens do not fit with a neighbour; 100, 169, 256 start tiles.
+  assert segment_starts(VAR_SIZES, 64) == (0, 55, 91, 155, 255, 424)
+
+
 def test_layout_rejects_bad_values():
   with pytest.raises(ValueError, match="pattern='diagonal'"):
     ScaleLayout((1, 4), "diagonal")
@@ -157,6 +202,14 @@ def test_kernel_matches_reference_small(backend, pattern, sizes, head_dim, dtype
 def test_kernel_matches_reference_var_680(backend, pattern, head_dim, dtype):
   # The VAR 256px layout with each backend's default tiles (L = 680 is padded to 704 / 768).
   _check_against_reference(ScaleLayout.from_patch_nums(PATCH_NUMS_256, pattern), backend, 1, 1, head_dim, dtype)
+
+
+@pytest.mark.parametrize("align_tiles", [True, False])
+def test_triton_kernels_with_aligned_and_grid_tiles(align_tiles):
+  # Tiles cut at scale starts (a ragged last tile per scale, small scales merged) and a plain grid; tiles of 16
+  # rows, so both ragged scale ends and rows past L occur.
+  _check_against_reference(ScaleLayout((7, 50, 2, 33), "block_causal"), "pallas_gpu", 1, 2, 64, jnp.float32,
+                           (16, 16, 16), align_tiles=align_tiles)
 
 
 def test_gpu_poison_catches_unwritten_rows():
@@ -428,10 +481,12 @@ def test_entry_point_with_mosaic_backward_lowers_for_hopper(monkeypatch, gpu_ker
   assert all(c.startswith(customs) for c in calls), calls
   cfg = block_sparse.KernelConfig("pallas_gpu", 0.125, 64, 32, 64, 4, 3, False, False, True, "triton",
                                   gpu_bwd_kernel="mosaic")
-  forward_plan, (dq_plan, dkv_plan) = block_sparse._plans(cfg, layout)
-  assert forward_plan.l_pad == dq_plan.l_pad == dkv_plan.l_pad == 768  # the Mosaic backward's 128-row CTAs
+  dq_plan, dkv_plan = block_sparse._backward_plan(cfg, layout)
+  assert dq_plan.l_pad == dkv_plan.l_pad == 768  # the Mosaic backward's 128-row CTAs
   assert (dq_plan.block_q, dq_plan.block_k, dkv_plan.block_q, dkv_plan.block_k) == (64, 64, 64, 64)
-  _, (dq_plan, dkv_plan) = block_sparse._plans(dataclasses.replace(cfg, block_bwd=128), layout)  # opt-in tiles
+  # The Triton forward's tiles cover L plus one tile; its lse is cut to the Mosaic backward's 768 rows.
+  assert block_sparse._forward_plan(cfg, layout).l_ext == 768
+  dq_plan, dkv_plan = block_sparse._backward_plan(dataclasses.replace(cfg, block_bwd=128), layout)  # opt-in tiles
   assert (dq_plan.block_q, dq_plan.block_k, dkv_plan.block_q, dkv_plan.block_k) == (64, 128, 128, 64)
 
 

@@ -156,6 +156,124 @@ def _contiguous(rows: np.ndarray, empty_at: np.ndarray) -> tuple[np.ndarray, np.
   return lo, hi
 
 
+def key_ranges(row_start: np.ndarray, row_end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Per key j < len(row_start), the query rows [start, end) that see it (int32; contiguous and non-decreasing).
+
+  Row i sees key j iff row_start[i] <= j < row_end[i]; both ends are non-decreasing in i, so those rows run from
+  the first i with row_end[i] > j to the first i with row_start[i] > j.
+  """
+  keys = np.arange(row_start.shape[0])
+  start = np.searchsorted(row_end, keys, side="right")
+  end = np.searchsorted(row_start, keys, side="right")
+  return start.astype(np.int32), end.astype(np.int32)
+
+
+def segment_starts(scale_sizes, block: int) -> tuple[int, ...]:
+  """First rows of the tile segments: scale starts, with runs of consecutive scales merged while the run fits in
+  one `block`-row tile (VAR's first scales hold 1, 4, 9, ... tokens)."""
+  starts, run, first = [], 0, 0
+  for size in scale_sizes:
+    if run and run + size > block:
+      starts.append(first)
+      first, run = first + run, 0
+    run += size
+  starts.append(first)
+  return tuple(starts)
+
+
+# Fields of one RowTiles table entry, in order (TABLE_WIDTH int32 per tile, the rest zero).
+TILE_FIELDS = ("row0", "row_end", "col0", "steps", "full_lo", "full_hi")
+TABLE_WIDTH = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class RowTiles:
+  """Work tiles for the Triton-lowering kernels: `block_rows` rows each, with a run of `block_cols`-wide steps.
+
+  Rows see columns through per-row ranges [starts, ends) (queries -> keys for the forward and dq; keys -> queries
+  for dk/dv). Tile i computes rows row0[i] + [0, block_rows) but owns (stores) only [row0[i], row_end[i]): a tile
+  never crosses a segment start, so with segments at scale starts (`segment_starts`) it visits only its own
+  scales' columns instead of the union over a fixed 64-row grid. Its steps cover columns col0[i] +
+  [0, steps[i] * block_cols) from the first column any owned row sees; steps [full_lo[i], full_hi[i]) need no
+  mask (every owned row sees every column of the step, none past L). Tiles are ordered heaviest first.
+  Rows >= L (up to l_ext, which every tile's rows and steps stay inside) see nothing.
+  """
+  length: int
+  block_rows: int
+  block_cols: int
+  l_ext: int
+  starts: np.ndarray
+  ends: np.ndarray
+  table: np.ndarray  # (n_tiles, TABLE_WIDTH) int32, columns TILE_FIELDS
+
+  @property
+  def num_tiles(self) -> int:
+    return int(self.table.shape[0])
+
+  def field(self, name: str) -> np.ndarray:
+    return self.table[:, TILE_FIELDS.index(name)]
+
+  @property
+  def visited(self) -> int:
+    """(tile, step) pairs visited: the work, in block_rows x block_cols units."""
+    return int(self.field("steps").sum())
+
+
+def extended_length(length: int, *blocks: int) -> int:
+  """Rows the per-row arrays must cover so that every tile's rows and steps stay inside: L plus one block,
+  rounded up to a multiple of the largest block."""
+  big = max(blocks)
+  return int(math.ceil((length + big) / big) * big)
+
+
+def plan_row_tiles(starts: np.ndarray, ends: np.ndarray, segments, block_rows: int, block_cols: int,
+                   l_ext: int | None = None) -> RowTiles:
+  """RowTiles for rows [0, L) with per-row column ranges starts/ends (length L, non-decreasing, non-empty) cut
+  at the given segment starts (e.g. `segment_starts(scale_sizes, block_rows)`, or (0,) for a plain grid)."""
+  length = int(starts.shape[0])
+  l_ext = extended_length(length, block_rows, block_cols) if l_ext is None else l_ext
+  if l_ext < extended_length(length, block_rows, block_cols):
+    raise ValueError(f"l_ext={l_ext} is shorter than {extended_length(length, block_rows, block_cols)} "
+                     f"(L={length} plus one {max(block_rows, block_cols)}-row block).")
+  if np.any(np.diff(starts) < 0) or np.any(np.diff(ends) < 0) or np.any(ends <= starts) or ends.max() > length:
+    raise ValueError("row ranges must be non-empty, inside [0, L), with non-decreasing ends.")
+  bounds = [*sorted(set(int(s) for s in segments)), length]
+  if bounds[0] != 0 or bounds[-2] >= length:
+    raise ValueError(f"segment starts {tuple(segments)} must begin at 0 and lie inside [0, L={length}).")
+  rows = []
+  for g0, g1 in zip(bounds[:-1], bounds[1:]):
+    for row0 in range(g0, g1, block_rows):
+      own = slice(row0, min(row0 + block_rows, g1))
+      col0, col_end = int(starts[own].min()), int(ends[own].max())
+      steps = -(-(col_end - col0) // block_cols)
+      # Full steps j: col0 + j*bc >= the latest start and col0 + (j+1)*bc <= the earliest end of the owned rows.
+      full_lo = -(-(int(starts[own].max()) - col0) // block_cols)
+      full_hi = (int(ends[own].min()) - col0) // block_cols
+      if full_hi <= full_lo:
+        full_lo = full_hi = steps
+      rows.append((row0, own.stop, col0, steps, full_lo, full_hi))
+  table = np.zeros((len(rows), TABLE_WIDTH), np.int32)
+  table[:, :len(TILE_FIELDS)] = np.asarray(rows, np.int32)
+  table = table[np.argsort(-table[:, TILE_FIELDS.index("steps")], kind="stable")]
+  pad = l_ext - length
+  ext_starts = np.concatenate([starts, np.full(pad, length)]).astype(np.int32)
+  ext_ends = np.concatenate([ends, np.full(pad, length)]).astype(np.int32)
+  return RowTiles(length, block_rows, block_cols, l_ext, ext_starts, ext_ends, table)
+
+
+def plan_attention_tiles(layout: ScaleLayout, block_q: int, block_k: int, *, align: bool,
+                         l_ext: int | None = None) -> tuple[RowTiles, RowTiles]:
+  """(query tiles over keys, key tiles over queries) for one layout: the forward / dq and the dk/dv work.
+  align=True cuts tiles at scale starts (`segment_starts`), False on a plain block_q grid."""
+  row_start, row_end = layout.row_ranges()
+  l_ext = extended_length(layout.length, block_q, block_k) if l_ext is None else l_ext
+  segments = segment_starts(layout.scale_sizes, block_q) if align else (0,)
+  queries = plan_row_tiles(row_start, row_end, segments, block_q, block_k, l_ext)
+  keys = plan_row_tiles(*key_ranges(row_start, row_end), segment_starts(layout.scale_sizes, block_k) if align
+                        else (0,), block_k, block_q, l_ext)
+  return queries, keys
+
+
 # VAR / HMAR patch_nums (tokens per scale = pn**2). The 1024px list is the one whose L (9451) and block-diagonal
 # density (27.5%) match HMAR's kernel notes.
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)

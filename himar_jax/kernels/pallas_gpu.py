@@ -18,13 +18,12 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from himar_jax.kernels.common import MASK_VALUE, NT, TN, dot, out_struct, row_mask, softmax_bwd_delta
-from himar_jax.kernels.layout import TilePlan
+from himar_jax.kernels.layout import TABLE_WIDTH, TILE_FIELDS, RowTiles
 
 LOG2E = math.log2(math.e)
 
@@ -55,19 +54,29 @@ def _load_rows(ref, start, block, length, masked):
   return pl_triton.load(ref.at[pl.ds(start, block), :], mask=ok, other=0.0)
 
 
-def _store_rows(ref, start, value, length):
-  ok = (start + lax.broadcasted_iota(jnp.int32, (value.shape[0], 1), 0)) < length
+def _store_rows(ref, start, value, end):
+  """Stores rows [start, start + len(value)) of value that lie before row `end`."""
+  ok = (start + lax.broadcasted_iota(jnp.int32, (value.shape[0], 1), 0)) < end
   pl_triton.store(ref.at[pl.ds(start, value.shape[0]), :], value.astype(ref.dtype), mask=ok)
 
 
-def _tile_range(lo_ref, hi_ref, rows):
-  return jnp.min(lo_ref[rows]), jnp.max(hi_ref[rows])
+def _tile_fields(table_ref, i):
+  """Tile i's (row0, row_end, col0, steps, full_lo, full_hi) from a flat RowTiles table (TABLE_WIDTH per tile)."""
+  entry = table_ref[pl.ds(i * TABLE_WIDTH, TABLE_WIDTH)]
+  lane = lax.broadcasted_iota(jnp.int32, (TABLE_WIDTH,), 0)
+  return tuple(jnp.sum(jnp.where(lane == f, entry, 0)) for f in range(len(TILE_FIELDS)))
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, rs_ref, re_ref, lo_ref, flo_ref, fhi_ref, hi_ref, o_ref, lse_ref, *,
-                qk_scale, block_q, block_k, length, fast_exp, interpret):
-  i = pl.num_programs(0) - 1 - pl.program_id(0)
-  row0 = i * block_q
+def _run_steps(step, steps, full_lo, full_hi, carry):
+  """Masked steps [0, full_lo), unmasked [full_lo, full_hi), masked [full_hi, steps)."""
+  carry = lax.fori_loop(0, full_lo, step(True), carry)
+  carry = lax.fori_loop(full_lo, full_hi, step(False), carry)
+  return lax.fori_loop(full_hi, steps, step(True), carry)
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, rs_ref, re_ref, table_ref, o_ref, lse_ref, *, qk_scale, block_q, block_k,
+                length, fast_exp, interpret):
+  row0, row_end, col0, steps, full_lo, full_hi = _tile_fields(table_ref, pl.program_id(0))
   rows = pl.ds(row0, block_q)
   q = _load_rows(q_ref, row0, block_q, length, True)
   rows_start, rows_end = rs_ref[rows], re_ref[rows]
@@ -76,12 +85,12 @@ def _fwd_kernel(q_ref, k_ref, v_ref, rs_ref, re_ref, lo_ref, flo_ref, fhi_ref, h
   def body(masked):
     def step(j, carry):
       acc, m_prev, l_prev = carry
-      col0 = j * block_k
-      k = _load_rows(k_ref, col0, block_k, length, masked)
-      v = _load_rows(v_ref, col0, block_k, length, masked)
+      key0 = col0 + j * block_k
+      k = _load_rows(k_ref, key0, block_k, length, masked)
+      v = _load_rows(v_ref, key0, block_k, length, masked)
       s = dot(q, k, NT) * qk_scale
       if masked:
-        s = jnp.where(row_mask(rows_start[:, None], rows_end[:, None], col0, block_k), s, MASK_VALUE)
+        s = jnp.where(row_mask(rows_start[:, None], rows_end[:, None], key0, block_k), s, MASK_VALUE)
       m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
       alpha = jnp.exp2(m_prev - m_new)
       p, p_low = _exp2(s - m_new[:, None], fast_exp, interpret)
@@ -90,41 +99,37 @@ def _fwd_kernel(q_ref, k_ref, v_ref, rs_ref, re_ref, lo_ref, flo_ref, fhi_ref, h
       return acc, m_new, l_new
     return step
 
-  lo, hi = _tile_range(lo_ref, hi_ref, rows)
-  full_lo, full_hi = _tile_range(flo_ref, fhi_ref, rows)
   carry = (jnp.zeros((block_q, head_dim), jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
            jnp.zeros((block_q,), jnp.float32))
-  carry = lax.fori_loop(lo, full_lo, body(True), carry)
-  carry = lax.fori_loop(full_lo, full_hi, body(False), carry)
-  acc, m, l = lax.fori_loop(full_hi, hi, body(True), carry)
-  _store_rows(o_ref, row0, acc / l[:, None], length)
-  lse_ref[rows] = m + jnp.log2(l)
+  acc, m, l = _run_steps(body, steps, full_lo, full_hi, carry)
+  _store_rows(o_ref, row0, acc / l[:, None], row_end)
+  owned = (row0 + lax.broadcasted_iota(jnp.int32, (block_q,), 0)) < row_end
+  pl_triton.store(lse_ref.at[rows], m + jnp.log2(l), mask=owned)
 
 
-def _bwd_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rs_ref, re_ref, kv_lo_ref, kv_flo_ref, kv_fhi_ref,
-                kv_hi_ref, q_lo_ref, q_flo_ref, q_fhi_ref, q_hi_ref, dq_ref, dk_ref, dv_ref, *, qk_scale, scale,
-                block, length):
-  """Program t: dk, dv of key tile t (loop over its query tiles), then dq of query tile t (loop over its keys)."""
-  t = pl.num_programs(0) - 1 - pl.program_id(0)
-  tile0 = t * block
-  tile = pl.ds(tile0, block)
-  k = _load_rows(k_ref, tile0, block, length, True)
-  v = _load_rows(v_ref, tile0, block, length, True)
+def _bwd_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rs_ref, re_ref, q_table_ref, k_table_ref,
+                dq_ref, dk_ref, dv_ref, *, qk_scale, scale, block, length):
+  """Program t: dk, dv of key tile t (steps over its queries), then dq of query tile t (steps over its keys)."""
+  t = pl.program_id(0)
+  key0, key_end, qrow0, steps, full_lo, full_hi = _tile_fields(k_table_ref, t)
+  k = _load_rows(k_ref, key0, block, length, True)
+  v = _load_rows(v_ref, key0, block, length, True)
   head_dim = k.shape[-1]
   zeros = jnp.zeros((block, head_dim), jnp.float32)
 
-  # dK, dV of key tile t.
+  # dK, dV of key tile t. Masked steps may hold rows past L (zeros, and an lse the forward never wrote): their p
+  # is selected away, not just pushed to exp2(MASK_VALUE - lse).
   def dkdv(masked):
     def step(i, carry):
       dk, dv = carry
-      row0 = i * block
+      row0 = qrow0 + i * block
       rows = pl.ds(row0, block)
       q = _load_rows(q_ref, row0, block, length, masked)
       do = _load_rows(do_ref, row0, block, length, masked)
       s = dot(q, k, NT) * qk_scale
-      if masked:
-        s = jnp.where(row_mask(rs_ref[rows][:, None], re_ref[rows][:, None], tile0, block), s, MASK_VALUE)
       p = jnp.exp2(s - lse_ref[rows][:, None])
+      if masked:
+        p = jnp.where(row_mask(rs_ref[rows][:, None], re_ref[rows][:, None], key0, block), p, 0.0)
       dv = dv + dot(p.astype(do.dtype), do, TN)
       dp = dot(do, v, NT)
       ds = p * (dp - delta_ref[rows][:, None])
@@ -132,46 +137,35 @@ def _bwd_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rs_ref, re_ref,
       return dk, dv
     return step
 
-  lo, hi = _tile_range(q_lo_ref, q_hi_ref, tile)
-  full_lo, full_hi = _tile_range(q_flo_ref, q_fhi_ref, tile)
-  carry = lax.fori_loop(lo, full_lo, dkdv(True), (zeros, zeros))
-  carry = lax.fori_loop(full_lo, full_hi, dkdv(False), carry)
-  dk, dv = lax.fori_loop(full_hi, hi, dkdv(True), carry)
-  _store_rows(dk_ref, tile0, dk * scale, length)
-  _store_rows(dv_ref, tile0, dv, length)
+  dk, dv = _run_steps(dkdv, steps, full_lo, full_hi, (zeros, zeros))
+  _store_rows(dk_ref, key0, dk * scale, key_end)
+  _store_rows(dv_ref, key0, dv, key_end)
 
   # dQ of query tile t.
-  q = _load_rows(q_ref, tile0, block, length, True)
-  do = _load_rows(do_ref, tile0, block, length, True)
-  lse = lse_ref[tile]
-  delta = delta_ref[tile]
-  rows_start, rows_end = rs_ref[tile], re_ref[tile]
+  row0, row_end, col0, steps, full_lo, full_hi = _tile_fields(q_table_ref, t)
+  rows = pl.ds(row0, block)
+  q = _load_rows(q_ref, row0, block, length, True)
+  do = _load_rows(do_ref, row0, block, length, True)
+  lse = lse_ref[rows]
+  delta = delta_ref[rows]
+  rows_start, rows_end = rs_ref[rows], re_ref[rows]
 
   def dq_body(masked):
     def step(j, dq):
-      col0 = j * block
-      k = _load_rows(k_ref, col0, block, length, masked)
-      v = _load_rows(v_ref, col0, block, length, masked)
+      col = col0 + j * block
+      k = _load_rows(k_ref, col, block, length, masked)
+      v = _load_rows(v_ref, col, block, length, masked)
       s = dot(q, k, NT) * qk_scale
-      if masked:
-        s = jnp.where(row_mask(rows_start[:, None], rows_end[:, None], col0, block), s, MASK_VALUE)
       p = jnp.exp2(s - lse[:, None])
+      if masked:
+        p = jnp.where(row_mask(rows_start[:, None], rows_end[:, None], col, block), p, 0.0)
       dp = dot(do, v, NT)
       ds = p * (dp - delta[:, None])
       return dq + dot(ds.astype(k.dtype), k)
     return step
 
-  lo, hi = _tile_range(kv_lo_ref, kv_hi_ref, tile)
-  full_lo, full_hi = _tile_range(kv_flo_ref, kv_fhi_ref, tile)
-  dq = lax.fori_loop(lo, full_lo, dq_body(True), zeros)
-  dq = lax.fori_loop(full_lo, full_hi, dq_body(False), dq)
-  dq = lax.fori_loop(full_hi, hi, dq_body(True), dq)
-  _store_rows(dq_ref, tile0, dq * scale, length)
-
-
-def _per_row(tile_values: np.ndarray, block: int) -> jax.Array:
-  """Broadcasts per-tile int32 values to per-row vectors (a tile's rows load one block of them)."""
-  return jnp.asarray(np.repeat(tile_values, block).astype(np.int32))
+  dq = _run_steps(dq_body, steps, full_lo, full_hi, zeros)
+  _store_rows(dq_ref, row0, dq * scale, row_end)
 
 
 def _full_spec(length, head_dim):
@@ -201,42 +195,53 @@ def _call(kernel, inputs, out_shape, *, in_specs, out_specs, grid, num_warps, nu
   )(*inputs)
 
 
-def forward(q, k, v, plan: TilePlan, *, scale: float, num_warps: int = 4, num_stages: int = 3,
+def _flat_table(tiles: RowTiles) -> jax.Array:
+  return jnp.asarray(tiles.table.reshape(-1))
+
+
+def forward(q, k, v, tiles: RowTiles, *, scale: float, num_warps: int = 4, num_stages: int = 3,
             interpret: bool = False, poison: bool = False, fast_exp: bool = False):
-  """q, k, v (B, L, H, D), unpadded. Returns out (B, L, H, D) and lse (B, H, L_pad) float32 (base-2 units)."""
+  """q, k, v (B, L, H, D), unpadded; tiles = query tiles over keys (layout.plan_attention_tiles). Returns out
+  (B, L, H, D) and lse (B, H, l_ext) float32 in base-2 units (rows >= L unwritten)."""
   batch, length, heads, head_dim = q.shape
-  l_pad, bq, bk = plan.l_pad, plan.block_q, plan.block_k
+  if tiles.length != length:
+    raise ValueError(f"tile plan for L={tiles.length} used with sequences of length {length}.")
+  l_ext, bq, bk = tiles.l_ext, tiles.block_rows, tiles.block_cols
   spec = _full_spec(length, head_dim)
   kernel = functools.partial(_fwd_kernel, qk_scale=scale * LOG2E, block_q=bq, block_k=bk, length=length,
                              fast_exp=fast_exp, interpret=interpret)
-  rows = [jnp.asarray(plan.row_start), jnp.asarray(plan.row_end)]
-  ranges = [_per_row(x, bq) for x in (plan.kv_lo, plan.kv_full_lo, plan.kv_full_hi, plan.kv_hi)]
+  table = _flat_table(tiles)
   return _call(
-      kernel, [q, k, v, *rows, *ranges],
-      [out_struct(q.shape, q.dtype, q), out_struct((batch, heads, l_pad), jnp.float32, q)],
-      in_specs=[spec] * 3 + [_vec_spec(l_pad)] * 6,
-      out_specs=[spec, pl.BlockSpec((None, None, l_pad), lambda t, b, h: (b, h, 0))],
-      grid=(l_pad // bq, batch, heads), num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+      kernel, [q, k, v, jnp.asarray(tiles.starts), jnp.asarray(tiles.ends), table],
+      [out_struct(q.shape, q.dtype, q), out_struct((batch, heads, l_ext), jnp.float32, q)],
+      in_specs=[spec] * 3 + [_vec_spec(l_ext)] * 2 + [_vec_spec(table.shape[0])],
+      out_specs=[spec, pl.BlockSpec((None, None, l_ext), lambda t, b, h: (b, h, 0))],
+      grid=(tiles.num_tiles, batch, heads), num_warps=num_warps, num_stages=num_stages, interpret=interpret,
       poison=poison, name="block_sparse_attention_fwd")
 
 
-def backward(q, k, v, out, lse, do, plan: TilePlan, *, scale: float, num_warps: int = 4, num_stages: int = 3,
-             interpret: bool = False, poison: bool = False):
-  """Returns (dq, dk, dv), each (B, L, H, D). The plan must use one tile size for queries and keys."""
+def backward(q, k, v, out, lse, do, query_tiles: RowTiles, key_tiles: RowTiles, *, scale: float,
+             num_warps: int = 4, num_stages: int = 3, interpret: bool = False, poison: bool = False):
+  """Returns (dq, dk, dv), each (B, L, H, D). query_tiles / key_tiles: layout.plan_attention_tiles with one tile
+  size for rows and steps; lse (B, H, >= L) from a forward (entries past L are never used unmasked)."""
   batch, length, heads, head_dim = q.shape
-  if plan.block_q != plan.block_k:
-    raise ValueError(f"backward needs block_q == block_k, got {plan.block_q} and {plan.block_k}.")
-  block, l_pad = plan.block_q, plan.l_pad
-  delta = softmax_bwd_delta(out, do, l_pad)  # in XLA: one cheap pass
+  block, l_ext = query_tiles.block_rows, query_tiles.l_ext
+  for tiles in (query_tiles, key_tiles):
+    if (tiles.block_rows, tiles.block_cols, tiles.l_ext, tiles.length) != (block, block, l_ext, length):
+      raise ValueError(f"backward tiles must be square with one l_ext for L={length}: got "
+                       f"{tiles.block_rows}x{tiles.block_cols}, l_ext {tiles.l_ext}, L {tiles.length}.")
+  if query_tiles.num_tiles != key_tiles.num_tiles:
+    raise ValueError(f"query and key tile counts differ ({query_tiles.num_tiles} vs {key_tiles.num_tiles}).")
+  if lse.shape[-1] != l_ext:  # e.g. from the Mosaic GPU forward's padded length
+    lse = jnp.pad(lse[..., :length], [(0, 0), (0, 0), (0, l_ext - length)])
+  delta = softmax_bwd_delta(out, do, l_ext)  # in XLA: one cheap pass
   spec = _full_spec(length, head_dim)
-  stat_spec = pl.BlockSpec((None, None, l_pad), lambda t, b, h: (b, h, 0))
+  stat_spec = pl.BlockSpec((None, None, l_ext), lambda t, b, h: (b, h, 0))
   kernel = functools.partial(_bwd_kernel, qk_scale=scale * LOG2E, scale=scale, block=block, length=length)
-  rows = [jnp.asarray(plan.row_start), jnp.asarray(plan.row_end)]
-  ranges = [_per_row(x, block) for x in (plan.kv_lo, plan.kv_full_lo, plan.kv_full_hi, plan.kv_hi, plan.q_lo,
-                                         plan.q_full_lo, plan.q_full_hi, plan.q_hi)]
+  tables = [_flat_table(query_tiles), _flat_table(key_tiles)]
   return _call(
-      kernel, [q, k, v, do, lse, delta, *rows, *ranges],
+      kernel, [q, k, v, do, lse, delta, jnp.asarray(query_tiles.starts), jnp.asarray(query_tiles.ends), *tables],
       [out_struct(x.shape, x.dtype, x) for x in (q, k, v)],
-      in_specs=[spec] * 4 + [stat_spec] * 2 + [_vec_spec(l_pad)] * 10, out_specs=[spec] * 3,
-      grid=(l_pad // block, batch, heads), num_warps=num_warps, num_stages=num_stages, interpret=interpret,
-      poison=poison, name="block_sparse_attention_bwd")
+      in_specs=[spec] * 4 + [stat_spec] * 2 + [_vec_spec(l_ext)] * 2 + [_vec_spec(t.shape[0]) for t in tables],
+      out_specs=[spec] * 3, grid=(query_tiles.num_tiles, batch, heads), num_warps=num_warps,
+      num_stages=num_stages, interpret=interpret, poison=poison, name="block_sparse_attention_bwd")

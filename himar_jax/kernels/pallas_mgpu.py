@@ -41,7 +41,7 @@ import numpy as np
 from jax import lax
 
 from himar_jax.kernels.common import match_vma, out_struct, softmax_bwd_delta
-from himar_jax.kernels.layout import TilePlan
+from himar_jax.kernels.layout import TilePlan, key_ranges
 
 try:  # Mosaic GPU ships with jax, but keep this module importable where a jax build lacks it.
   from jax.experimental import pallas as pl
@@ -353,15 +353,9 @@ def forward(q, k, v, plan: TilePlan, *, scale: float, stages: int = 2, consumer_
 
 
 def key_query_ranges(plan: TilePlan) -> tuple[np.ndarray, np.ndarray]:
-  """Per key row j (l_pad of them), the query rows [start, end) that see it, as int32 arrays.
-
-  Row i sees key j iff row_start[i] <= j < row_end[i]; both ends are non-decreasing in i, so those rows are the
-  range from the first i with row_end[i] > j to the first i with row_start[i] > j (the dk/dv kernel's mask rows).
-  """
-  keys = np.arange(plan.l_pad)
-  start = np.searchsorted(plan.row_end, keys, side="right")
-  end = np.searchsorted(plan.row_start, keys, side="right")
-  return start.astype(np.int32), end.astype(np.int32)
+  """Per key row j (l_pad of them, padding keys seen by the padding rows), the query rows [start, end) that see
+  it (layout.key_ranges over the plan's padded row ranges): the dk/dv kernel's mask rows."""
+  return key_ranges(plan.row_start, plan.row_end)
 
 
 @dataclasses.dataclass(frozen=True)
