@@ -30,7 +30,6 @@ DEFAULT_SETS = (
     "cublaslt=--xla_gpu_enable_cublaslt=true",
     "triton_gemm_any=--xla_gpu_triton_gemm_any=true",
     "cudnn_gemm_fusion=--xla_gpu_cudnn_gemm_fusion_level=2",
-    "triton_norm_fusion=--xla_gpu_experimental_enable_triton_softmax_priority_fusion=true",
     "block_level_rewriter=--xla_gpu_experimental_enable_fusion_block_level_rewriter=true",
     "all_fusions_triton=--xla_gpu_experimental_all_fusions_with_triton=true",
 )
@@ -42,10 +41,11 @@ def parse_sets(text: str) -> list[tuple[str, str]]:
   sets = []
   for item in filter(None, (part.strip() for part in text.split(";"))):
     name, sep, flags = item.partition("=")
-    if not sep or not name.strip():
+    name = name.strip()
+    if not sep or not name or name.startswith("-") or any(c.isspace() for c in name):
       raise ValueError(f"flag set {item!r} must read name=flags (flags may be empty), e.g. 'cublaslt="
                        "--xla_gpu_enable_cublaslt=true'.")
-    sets.append((name.strip(), flags.strip()))
+    sets.append((name, flags.strip()))
   names = [n for n, _ in sets]
   if not sets or len(set(names)) != len(names):
     raise ValueError(f"--sets needs at least one flag set and unique names; got {names}.")

@@ -194,3 +194,31 @@ def test_timeline_measures_idle_gaps_and_exposed_collectives(tmp_path):
   assert t["span"] == pytest.approx(1.1 / 2) and t["busy"] == pytest.approx(0.9 / 2)
   assert t["idle"] == pytest.approx(0.2 / 2)
   assert t["collective"] == pytest.approx(0.3 / 2) and t["collective_exposed"] == pytest.approx(0.1 / 2)
+
+
+def test_xla_flag_sets_parse_and_reject_bad_text():
+  from bench import xla_flags
+
+  assert xla_flags.parse_sets("a=; b=--x=1 --y=2 ;") == [("a", ""), ("b", "--x=1 --y=2")]
+  with pytest.raises(ValueError, match="name=flags"):
+    xla_flags.parse_sets("--xla_gpu_enable_cublaslt=true")
+  with pytest.raises(ValueError, match="unique names"):
+    xla_flags.parse_sets("a=;a=--x=1")
+  assert xla_flags.relative_difference([1.0, 2.0], [1.0, 4.0]) == 0.5
+
+
+def test_xla_flag_sweep_times_each_set_in_its_own_process(tmp_path):
+  # A tiny DiT head on the CPU: the baseline is timed and compared with itself; a flag XLA does not know stops
+  # only its own process, and the sweep reports XLA's message for it.
+  import subprocess
+  import sys
+
+  out = tmp_path / "sweep.json"
+  env = dict(os.environ, PYTHONPATH=os.getcwd(), JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  subprocess.run([sys.executable, "bench/xla_flags.py", "--workload=dit_sample", "--variant=himar_tiny",
+                  "--passes=2", "--repeats=1", "--sets=base=;bogus=--xla_gpu_no_such_flag=1", f"--out={out}"],
+                 env=env, check=True, capture_output=True, timeout=300)
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["name"] for r in rows] == ["base", "bogus"]
+  assert rows[0]["ms_per_pass"] > 0 and rows[0]["speedup"] == 1.0 and rows[0]["rel_diff_vs_first"] == 0.0
+  assert "ms_per_pass" not in rows[1] and "xla_gpu_no_such_flag" in rows[1]["error"]
