@@ -152,7 +152,8 @@ def check_all(args, key, kernel_kwargs):
         errs, finite = [f"{type(e).__name__}: {str(e)[:1500]}"], False
       probe = jnp.zeros((1, layout.length, 1, head_dim), dtype)
       ran = block_sparse._choose_gpu_kernel(probe, gpu_kernel, False)
-      ran_bwd = block_sparse._choose_gpu_bwd_kernel(probe, gpu_bwd_kernel, False, None)
+      aligned_diagonal = pattern == "block_diagonal" and layout.length <= block_sparse.ALIGN_TILES_MAX_LENGTH
+      ran_bwd = block_sparse._choose_gpu_bwd_kernel(probe, gpu_bwd_kernel, False, None, aligned_diagonal)
       row = {"size": size, "length": layout.length, "pattern": pattern, "head_dim": head_dim,
              "dtype": jnp.dtype(dtype).name, "gpu_kernel": ran, "gpu_bwd_kernel": ran_bwd,
              "rel_err_out_dq_dk_dv": errs, "finite": finite}

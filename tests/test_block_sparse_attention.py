@@ -419,6 +419,9 @@ def test_gpu_backward_kernel_dispatch(monkeypatch):
   for length in (680, 2240, 9451):  # auto: Mosaic was faster at every layout on the H100 (notes, session 3)
     assert choose(x(length), None, False, None) == "mosaic"
     assert choose(x(length, jnp.float16), None, False, None) == "mosaic"
+  # Block-diagonal with tiles cut at scale starts: the Triton backward was faster (L680, session 7).
+  assert choose(x(680), None, False, None, aligned_diagonal=True) == "triton"
+  assert choose(x(680), "mosaic", False, None, aligned_diagonal=True) == "mosaic"
   assert choose(x(680, head_dim=128), None, False, None) == "triton"  # not timed at head_dim 128: auto keeps Triton
   assert choose(x(680, head_dim=128), "mosaic", False, None) == "mosaic"
   assert choose(x(680), "mosaic", False, None) == "mosaic"

@@ -145,17 +145,23 @@ MOSAIC_GRID_LENGTH = 4096
 # 0.583 one CTA per item; L2240 0.696 vs 0.759), from there one CTA per item (L9451 1.345 / 2.563 vs 1.351 / 2.605).
 # Streamed tiles of MOSAIC_BWD_BLOCK = 64 rows (L680 0.532 vs 0.568 with 128; L2240 0.696 vs 0.739). At L9451
 # 128-row tiles timed faster (1.288 / 2.341) but were not in that run's numerical checks, so they stay opt-in
-# (block_bwd=128) until checked.
+# (block_bwd=128) until checked. Session 7: with the Triton kernels' tiles cut at scale starts (below), the Triton
+# backward overtook it at L680 block-diagonal (0.486 / 0.489 vs 0.500 / 0.502 ms forward+backward in two runs), so
+# auto takes Triton for block-diagonal layouts whose Triton tiles are aligned; block-causal stays Mosaic (0.703
+# vs 0.905 ms at L680).
 MOSAIC_BWD_AUTO_HEAD_DIMS = (64,)
-# Triton-kernel tiles cut at scale starts up to this length (layout.segment_starts): at L680 they visit 27%
-# fewer 64x32 tile pairs than a fixed grid (block-diagonal; 7% block-causal); from L2240 on the two differ by < 2%.
+# Triton-kernel tiles cut at scale starts up to this length (layout.segment_starts): at L680 they visit 21%
+# fewer 64x32 tile pairs than a fixed grid (block-diagonal; 7% block-causal) and the Triton forward took 0.113 vs
+# 0.128 ms (diagonal) and 0.191 vs 0.208 (causal); at L2240 the two are level (0.197 vs 0.199, 0.357 vs 0.360).
 ALIGN_TILES_MAX_LENGTH = 1024
 MOSAIC_BWD_GRID_LENGTH = 4096
 MOSAIC_BWD_BLOCK = 64
 
 
-def _choose_gpu_bwd_kernel(q, gpu_bwd_kernel: str | None, interpret, block_bwd: int | None) -> str:
-  """The backward's kernel: 'mosaic' where it runs and is faster (auto) or asked for, else 'triton'."""
+def _choose_gpu_bwd_kernel(q, gpu_bwd_kernel: str | None, interpret, block_bwd: int | None,
+                           aligned_diagonal: bool = False) -> str:
+  """The backward's kernel: 'mosaic' where it runs and is faster (auto) or asked for, else 'triton'.
+  aligned_diagonal: the layout is block-diagonal and the Triton tiles are cut at scale starts (Triton is faster)."""
   if gpu_bwd_kernel not in (None, *GPU_KERNELS):
     raise ValueError(f"gpu_bwd_kernel={gpu_bwd_kernel!r} is not one of {GPU_KERNELS} or None (auto).")
   if gpu_bwd_kernel == "triton":
@@ -164,7 +170,7 @@ def _choose_gpu_bwd_kernel(q, gpu_bwd_kernel: str | None, interpret, block_bwd: 
   if reason is None and block_bwd is not None and block_bwd % 64:
     reason = f"block_bwd={block_bwd} (Mosaic GPU backward streams tiles of a multiple of 64 rows)"
   if reason is None:
-    faster = q.shape[-1] in MOSAIC_BWD_AUTO_HEAD_DIMS
+    faster = q.shape[-1] in MOSAIC_BWD_AUTO_HEAD_DIMS and not aligned_diagonal
     return "mosaic" if gpu_bwd_kernel == "mosaic" or faster else "triton"
   if gpu_bwd_kernel == "mosaic":
     _log_once(f"Mosaic GPU backward: {reason}", fallback="the Triton-lowering backward")
@@ -234,8 +240,10 @@ def block_sparse_attention(q, k, v, layout: ScaleLayout, *, scale: float | None 
     return reference_attention(q, k, v, layout, scale=scale)
 
   kernel = _choose_gpu_kernel(q, gpu_kernel, interpret) if implementation == "pallas_gpu" else "triton"
-  bwd_kernel = (_choose_gpu_bwd_kernel(q, gpu_bwd_kernel, interpret, block_bwd) if implementation == "pallas_gpu"
-                else "triton")
+  align_tiles = layout.length <= ALIGN_TILES_MAX_LENGTH if align_tiles is None else bool(align_tiles)
+  bwd_kernel = (_choose_gpu_bwd_kernel(q, gpu_bwd_kernel, interpret, block_bwd,
+                                       align_tiles and layout.pattern == "block_diagonal")
+                if implementation == "pallas_gpu" else "triton")
   d_q, d_k, d_bwd = _default_blocks(implementation, q.shape[-1], layout.length, kernel)
   if bwd_kernel == "mosaic":
     d_bwd = MOSAIC_BWD_BLOCK  # the streamed tile (keys in the dq kernel, queries in the dk/dv kernel)
@@ -248,8 +256,7 @@ def block_sparse_attention(q, k, v, layout: ScaleLayout, *, scale: float | None 
                      num_warps or 4, num_stages, interpret, poison_outputs,
                      fast_exp and q.dtype == jnp.bfloat16, kernel, stages,
                      _mosaic_programs(kernel, layout.length, persistent), bwd_kernel,
-                     _mosaic_bwd_programs(bwd_kernel, layout.length, bwd_persistent),
-                     layout.length <= ALIGN_TILES_MAX_LENGTH if align_tiles is None else bool(align_tiles))
+                     _mosaic_bwd_programs(bwd_kernel, layout.length, bwd_persistent), align_tiles)
   for name in ("block_q", "block_k", "block_bwd"):
     size = getattr(cfg, name)
     if size < 8 or size & (size - 1):
