@@ -509,3 +509,20 @@ def test_mosaic_backward_request_in_interpret_mode_runs_triton_with_one_logged_r
   ref_out, ref_vjp = jax.vjp(lambda q, k, v: reference_attention(q, k, v, layout), q, k, v)
   for g, w in zip((out, *grads), (ref_out, *ref_vjp(do))):
     assert _rel(g, w) < TOL[jnp.float32], f"seed={seed}"
+
+
+@pytest.mark.parametrize("align_tiles,want", [(None, block_sparse.ALIGNED_BWD_NUM_STAGES), (False, 3)])
+def test_triton_backward_stages_follow_the_tiling(monkeypatch, align_tiles, want):
+  # Aligned tiles (auto below ALIGN_TILES_MAX_LENGTH) run the Triton backward with 2 stages (measured faster there);
+  # a grid keeps num_stages.
+  seen = {}
+
+  def fake_backward(q, k, v, out, lse, do, *tiles, **kwargs):
+    seen.update(kwargs)
+    return jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v)
+  monkeypatch.setattr(pallas_gpu, "backward", fake_backward)
+  layout = ScaleLayout(ODD_SIZES, "block_diagonal")
+  q = jnp.ones((1, layout.length, 1, 16), jnp.float32)
+  jax.grad(lambda q: block_sparse_attention(q, q, q, layout, implementation="pallas_gpu", interpret=True,
+                                            align_tiles=align_tiles).sum())(q)
+  assert seen["num_stages"] == want

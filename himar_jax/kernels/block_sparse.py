@@ -57,6 +57,7 @@ class KernelConfig:
   gpu_bwd_kernel: str = "triton"  # 'mosaic' | 'triton': which GPU backward runs
   bwd_programs: int | None = None  # Mosaic GPU backward: persistent CTAs, or None for one CTA per item
   align_tiles: bool = True  # Triton kernels: tiles cut at scale starts (else a plain grid)
+  bwd_num_stages: int = 3  # Triton backward's pipeline stages
 
 
 def _default_blocks(backend: str, head_dim: int, length: int, gpu_kernel: str) -> tuple[int, int, int]:
@@ -154,6 +155,9 @@ MOSAIC_BWD_AUTO_HEAD_DIMS = (64,)
 # fewer 64x32 tile pairs than a fixed grid (block-diagonal; 7% block-causal) and the Triton forward took 0.113 vs
 # 0.128 ms (diagonal) and 0.191 vs 0.208 (causal); at L2240 the two are level (0.197 vs 0.199, 0.357 vs 0.360).
 ALIGN_TILES_MAX_LENGTH = 1024
+# The Triton backward on aligned tiles: 2 pipeline stages (L680 block-diagonal backward 0.353 ms in two runs vs
+# 0.370 with 3; the forward keeps 3: 0.113 - 0.116 vs 0.124 - 0.131 with 2).
+ALIGNED_BWD_NUM_STAGES = 2
 MOSAIC_BWD_GRID_LENGTH = 4096
 MOSAIC_BWD_BLOCK = 64
 
@@ -197,7 +201,8 @@ def block_sparse_attention(q, k, v, layout: ScaleLayout, *, scale: float | None 
                            num_stages: int = 3, interpret: Any = False, poison_outputs: bool = False,
                            fast_exp: bool = True, gpu_kernel: str | None = None, stages: int = 2,
                            persistent: bool | None = None, gpu_bwd_kernel: str | None = None,
-                           bwd_persistent: bool | None = None, align_tiles: bool | None = None):
+                           bwd_persistent: bool | None = None, align_tiles: bool | None = None,
+                           bwd_num_stages: int | None = None):
   """Attention of (B, L, H, D) q, k, v under a scale layout; returns (B, L, H, D) in q's dtype.
 
   block_q/block_k: forward tile sizes; block_bwd: the backward's (query and key) tile size; num_warps/num_stages:
@@ -216,7 +221,8 @@ def block_sparse_attention(q, k, v, layout: ScaleLayout, *, scale: float | None 
   MOSAIC_BWD_GRID_LENGTH).
   align_tiles: the Triton kernels' query and key tiles start at scale starts (small scales merged into one tile),
   so a tile visits only its own scales' keys; False: a fixed grid of tiles (None: aligned for L <=
-  ALIGN_TILES_MAX_LENGTH).
+  ALIGN_TILES_MAX_LENGTH). bwd_num_stages: the Triton backward's stages (None: 2 with aligned tiles, where it
+  measured faster, else num_stages).
   """
   if not isinstance(layout, ScaleLayout):
     raise TypeError(f"layout must be a ScaleLayout (got {type(layout).__name__}); build one with "
@@ -256,7 +262,8 @@ def block_sparse_attention(q, k, v, layout: ScaleLayout, *, scale: float | None 
                      num_warps or 4, num_stages, interpret, poison_outputs,
                      fast_exp and q.dtype == jnp.bfloat16, kernel, stages,
                      _mosaic_programs(kernel, layout.length, persistent), bwd_kernel,
-                     _mosaic_bwd_programs(bwd_kernel, layout.length, bwd_persistent), align_tiles)
+                     _mosaic_bwd_programs(bwd_kernel, layout.length, bwd_persistent), align_tiles,
+                     bwd_num_stages or (ALIGNED_BWD_NUM_STAGES if align_tiles else num_stages))
   for name in ("block_q", "block_k", "block_bwd"):
     size = getattr(cfg, name)
     if size < 8 or size & (size - 1):
@@ -346,7 +353,7 @@ def _attend_bwd(cfg, layout, residuals, d_out):
                                 stages=cfg.stages, programs=cfg.bwd_programs)
   if cfg.backend == "pallas_gpu":
     return tuple(pallas_gpu.backward(q, k, v, out, lse, d_out, *plan, scale=cfg.scale, num_warps=cfg.num_warps,
-                                     num_stages=cfg.num_stages, interpret=bool(cfg.interpret),
+                                     num_stages=cfg.bwd_num_stages, interpret=bool(cfg.interpret),
                                      poison=cfg.poison))
   grads = pallas_tpu.backward(*(_to_tpu(x, plan.l_pad) for x in (q, k, v, out)), lse, _to_tpu(d_out, plan.l_pad),
                               plan, scale=cfg.scale, interpret=cfg.interpret)
