@@ -67,6 +67,9 @@ def methods(layout: ScaleLayout, kernel_kwargs):
       "ours": lambda q, k, v: block_sparse_attention(q, k, v, layout, **kernel_kwargs),  # auto dispatch
       "ours_mosaic": lambda q, k, v: block_sparse_attention(q, k, v, layout, gpu_kernel="mosaic",
                                                             gpu_bwd_kernel="triton", **kernel_kwargs),
+      "ours_mosaic_grid": lambda q, k, v: block_sparse_attention(q, k, v, layout, gpu_kernel="mosaic",
+                                                                 gpu_bwd_kernel="triton", align_keys=False,
+                                                                 **kernel_kwargs),
       "ours_triton": lambda q, k, v: block_sparse_attention(q, k, v, layout, gpu_kernel="triton",
                                                             gpu_bwd_kernel="triton", **kernel_kwargs),
       # automatic forward with the Triton backward (the dispatch before the Mosaic GPU backward) / Mosaic backward

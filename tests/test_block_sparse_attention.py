@@ -305,18 +305,45 @@ def test_mosaic_gpu_forward_lowers_for_hopper(pattern, sizes, head_dim, block_k,
   assert "mosaic_gpu" in text
 
 
-def test_mosaic_tile_table_holds_ranges_and_cta_unions():
-  layout = ScaleLayout(VAR_SIZES, "block_diagonal")
+@pytest.mark.parametrize("pattern", ["block_diagonal", "block_causal"])
+@pytest.mark.parametrize("sizes", [VAR_SIZES, ODD_SIZES, tuple(p * p for p in PATCH_NUMS_512)])
+@pytest.mark.parametrize("align_keys", [True, False])
+def test_mosaic_tile_table_holds_ranges_and_cta_unions(pattern, sizes, align_keys):
+  # The forward's table: per 64-row tile, steps of block_k keys from its CTA's kv_start (a multiple of 8, at or
+  # before the first key any of the CTA's rows sees); every attended key inside the tile's steps; full steps only
+  # where every row is real and sees every key of the step.
+  layout = ScaleLayout(sizes, pattern)
+  plan = plan_tiles(layout, 64, 128, layout.padded_length(128))
+  table = pallas_mgpu.tile_table(plan, align_keys)
+  assert table.shape == (plan.l_pad // 64, pallas_mgpu.TABLE_COLS) and table.dtype == np.int32
+  mask = layout.dense_mask(plan.l_pad)
+  length = layout.length
+  for tile, (lo, full_lo, full_hi, hi, cta_lo, cta_hi, _, kv_start) in enumerate(table):
+    rows = slice(tile * 64, tile * 64 + 64)
+    pair = table[tile // 2 * 2:tile // 2 * 2 + 2]
+    assert kv_start % 8 == 0 and kv_start <= plan.row_start[tile // 2 * 128] and (align_keys or kv_start == 0)
+    assert cta_lo == pair[:, 0].min() and cta_hi == pair[:, 3].max() and (cta_lo == 0 or not align_keys)
+    assert lo <= full_lo <= full_hi <= hi
+    keys = np.flatnonzero(mask[rows].any(axis=0))
+    assert keys.min() >= kv_start + lo * 128 and keys.max() < kv_start + hi * 128
+    for j in range(full_lo, full_hi):
+      first = kv_start + j * 128
+      assert tile * 64 + 64 <= length and first + 128 <= length and mask[rows, first:first + 128].all()
+  with pytest.raises(ValueError, match="block_q=64"):
+    pallas_mgpu.tile_table(plan_tiles(layout, 32, 64, layout.padded_length(128)))
+
+
+def test_mosaic_forward_steps_start_at_each_ctas_first_key():
+  # L2240 block-diagonal, 128-key steps: the last scale (1024 tokens from row 1216) takes 8 steps per tile instead
+  # of the 9 a block_k grid needs (1152 .. 2304).
+  layout = ScaleLayout.from_patch_nums(PATCH_NUMS_512, "block_diagonal")
   plan = plan_tiles(layout, 64, 128, layout.padded_length(128))
   table = pallas_mgpu.tile_table(plan)
-  assert table.shape == (plan.l_pad // 64, pallas_mgpu.TABLE_COLS) and table.dtype == np.int32
-  np.testing.assert_array_equal(table[:, :4], np.stack([plan.kv_lo, plan.kv_full_lo, plan.kv_full_hi,
-                                                        plan.kv_hi], 1))
-  pairs = table.reshape(-1, 2, pallas_mgpu.TABLE_COLS)
-  np.testing.assert_array_equal(pairs[:, 0, 4], np.minimum(pairs[:, 0, 0], pairs[:, 1, 0]))
-  np.testing.assert_array_equal(pairs[:, 1, 5], np.maximum(pairs[:, 0, 3], pairs[:, 1, 3]))
-  with pytest.raises(ValueError, match="block_q=64"):
-    pallas_mgpu.tile_table(plan_tiles(layout, 32, 64, 704))
+  last = table[-2]  # rows 2176 .. 2239 (the last tile, rows 2240 .. 2303, is padding)
+  assert last[7] == 1216 and last[3] - last[0] == 8
+  aligned = int(np.sum(table[::2, 5] - table[::2, 4]))
+  grid = int(np.sum(np.maximum(plan.kv_hi[0::2], plan.kv_hi[1::2]) - np.minimum(plan.kv_lo[0::2], plan.kv_lo[1::2])))
+  assert aligned < 0.95 * grid
 
 
 def test_gpu_kernel_dispatch(monkeypatch):

@@ -58,6 +58,7 @@ class KernelConfig:
   bwd_programs: int | None = None  # Mosaic GPU backward: persistent CTAs, or None for one CTA per item
   align_tiles: bool = True  # Triton kernels: tiles cut at scale starts (else a plain grid)
   bwd_num_stages: int = 3  # Triton backward's pipeline stages
+  align_keys: bool = True  # Mosaic GPU forward: key steps from each CTA's first key (else a block_k grid)
 
 
 def _default_blocks(backend: str, head_dim: int, length: int, gpu_kernel: str) -> tuple[int, int, int]:
@@ -202,7 +203,7 @@ def block_sparse_attention(q, k, v, layout: ScaleLayout, *, scale: float | None 
                            fast_exp: bool = True, gpu_kernel: str | None = None, stages: int = 2,
                            persistent: bool | None = None, gpu_bwd_kernel: str | None = None,
                            bwd_persistent: bool | None = None, align_tiles: bool | None = None,
-                           bwd_num_stages: int | None = None):
+                           bwd_num_stages: int | None = None, align_keys: bool = True):
   """Attention of (B, L, H, D) q, k, v under a scale layout; returns (B, L, H, D) in q's dtype.
 
   block_q/block_k: forward tile sizes; block_bwd: the backward's (query and key) tile size; num_warps/num_stages:
@@ -222,7 +223,8 @@ def block_sparse_attention(q, k, v, layout: ScaleLayout, *, scale: float | None 
   align_tiles: the Triton kernels' query and key tiles start at scale starts (small scales merged into one tile),
   so a tile visits only its own scales' keys; False: a fixed grid of tiles (None: aligned for L <=
   ALIGN_TILES_MAX_LENGTH). bwd_num_stages: the Triton backward's stages (None: 2 with aligned tiles, where it
-  measured faster, else num_stages).
+  measured faster, else num_stages). align_keys: the Mosaic GPU forward's key steps start at the first key its
+  CTA's rows see (pallas_mgpu.tile_table), not on a block_k grid.
   """
   if not isinstance(layout, ScaleLayout):
     raise TypeError(f"layout must be a ScaleLayout (got {type(layout).__name__}); build one with "
@@ -263,7 +265,7 @@ def block_sparse_attention(q, k, v, layout: ScaleLayout, *, scale: float | None 
                      fast_exp and q.dtype == jnp.bfloat16, kernel, stages,
                      _mosaic_programs(kernel, layout.length, persistent), bwd_kernel,
                      _mosaic_bwd_programs(bwd_kernel, layout.length, bwd_persistent), align_tiles,
-                     bwd_num_stages or (ALIGNED_BWD_NUM_STAGES if align_tiles else num_stages))
+                     bwd_num_stages or (ALIGNED_BWD_NUM_STAGES if align_tiles else num_stages), bool(align_keys))
   for name in ("block_q", "block_k", "block_bwd"):
     size = getattr(cfg, name)
     if size < 8 or size & (size - 1):
@@ -322,7 +324,8 @@ def _from_tpu(x, length):
 def _forward(q, k, v, cfg: KernelConfig, layout: ScaleLayout):
   plan = _forward_plan(cfg, layout)
   if cfg.backend == "pallas_gpu" and cfg.gpu_kernel == "mosaic":
-    return pallas_mgpu.forward(q, k, v, plan, scale=cfg.scale, stages=cfg.stages, programs=cfg.programs)
+    return pallas_mgpu.forward(q, k, v, plan, scale=cfg.scale, stages=cfg.stages, programs=cfg.programs,
+                               align_keys=cfg.align_keys)
   if cfg.backend == "pallas_gpu":
     return pallas_gpu.forward(q, k, v, plan, scale=cfg.scale, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                               interpret=bool(cfg.interpret), poison=cfg.poison, fast_exp=cfg.fast_exp)

@@ -103,6 +103,7 @@ class TilePlan:
   kv_full_hi: np.ndarray
   q_full_lo: np.ndarray
   q_full_hi: np.ndarray
+  length: int  # L (rows from L to l_pad are padding)
 
   @property
   def visited_fraction(self) -> float:
@@ -144,7 +145,7 @@ def plan_tiles(layout: ScaleLayout, block_q: int, block_k: int, l_pad: int | Non
   q_full_lo, q_full_hi = _contiguous(full.T, q_hi)
   i32 = lambda x: np.asarray(x, np.int32)
   return TilePlan(l_pad, block_q, block_k, row_start, row_end, i32(kv_lo), i32(kv_hi), i32(q_lo), i32(q_hi),
-                  i32(kv_full_lo), i32(kv_full_hi), i32(q_full_lo), i32(q_full_hi))
+                  i32(kv_full_lo), i32(kv_full_hi), i32(q_full_lo), i32(q_full_hi), length)
 
 
 def _contiguous(rows: np.ndarray, empty_at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -53,7 +53,7 @@ LOG2E = math.log2(math.e)
 BLOCK_Q = 64  # rows per consumer warpgroup (one wgmma M tile); a CTA covers 2 * BLOCK_Q rows
 CONSUMERS = 2
 ROW_ALIGN = 8  # TMA tiling rows
-TABLE_COLS = 8  # per query tile: kv_lo, kv_full_lo, kv_full_hi, kv_hi, cta_lo, cta_hi, 0, 0
+TABLE_COLS = 8  # per query tile: lo, full_lo, full_hi, hi, cta_lo, cta_hi, (backward: CTA rank), (forward: kv_start)
 
 
 def available() -> bool:
@@ -67,12 +67,34 @@ def _load_vector(ref, layout):
   return plgpu.load(ref, layout=layout)
 
 
-def tile_table(plan: TilePlan) -> np.ndarray:
-  """(n_query_tiles, TABLE_COLS) int32: each 64-row tile's key-tile ranges and its CTA's union range."""
+def tile_table(plan: TilePlan, align_keys: bool = True) -> np.ndarray:
+  """(n_query_tiles, TABLE_COLS) int32 for the forward: per 64-row tile its key steps [lo, hi) with the unmasked
+  [full_lo, full_hi) inside, its CTA's union [cta_lo, cta_hi) of steps (columns 4, 5), and in column 7 the CTA's
+  first key, kv_start. Step j covers keys kv_start + j * block_k + [0, block_k): the steps start at the first key
+  any of the CTA's rows sees (rounded down to a multiple of ROW_ALIGN, as TMA's row tiling needs), not at a
+  multiple of block_k, so a scale that does not start on a block_k boundary costs no extra step (L2240: 8 instead
+  of 9 steps of 128 keys for each tile of its last, 1024-token scale). Full steps: every row of the tile is a real
+  row that sees every key of the step. align_keys=False: kv_start = 0 (steps on a block_k grid)."""
   if plan.block_q != BLOCK_Q or plan.l_pad % (CONSUMERS * BLOCK_Q):
     raise ValueError(f"Mosaic GPU forward needs block_q={BLOCK_Q} and l_pad a multiple of {CONSUMERS * BLOCK_Q}, "
                      f"got block_q={plan.block_q}, l_pad={plan.l_pad}.")
-  return _range_table(plan.kv_lo, plan.kv_full_lo, plan.kv_full_hi, plan.kv_hi)
+  bk = plan.block_k
+  starts = plan.row_start.reshape(-1, CONSUMERS, BLOCK_Q).astype(np.int64)
+  ends = plan.row_end.reshape(-1, CONSUMERS, BLOCK_Q).astype(np.int64)
+  kv_start = starts.min(axis=(1, 2)) // ROW_ALIGN * ROW_ALIGN * int(align_keys)  # per CTA
+  base = kv_start[:, None]
+  lo = (starts.min(2) - base) // bk
+  hi = -(-(ends.max(2) - base) // bk)
+  full_lo = -(-(starts.max(2) - base) // bk)
+  full_hi = (ends.min(2) - base) // bk
+  # Padding rows (their range lies past the last real key) never run unmasked steps.
+  real = ends.max(2) <= plan.length
+  none = (full_hi <= full_lo) | ~real
+  full_lo, full_hi = np.where(none, hi, full_lo), np.where(none, hi, full_hi)
+  cta_lo, cta_hi = lo.min(1), hi.max(1)
+  cols = (lo, full_lo, full_hi, hi, np.repeat(cta_lo[:, None], CONSUMERS, 1), np.repeat(cta_hi[:, None], CONSUMERS, 1),
+          np.zeros_like(lo), np.repeat(base, CONSUMERS, 1))
+  return np.stack([c.reshape(-1) for c in cols], axis=1).astype(np.int32)
 
 
 def _range_table(lo, full_lo, full_hi, hi) -> np.ndarray:
@@ -119,13 +141,13 @@ def persistent_programs(sm_count: int, n_cta: int, n_items: int) -> int:
 
 
 def forward(q, k, v, plan: TilePlan, *, scale: float, stages: int = 2, consumer_registers: int = 232,
-            programs: int | None = None):
+            programs: int | None = None, align_keys: bool = True):
   """q, k, v (B, L, H, D) bfloat16/float16, unpadded. Returns out (B, L, H, D), lse (B, H, L_pad) float32 (base 2).
 
   programs: None launches one CTA per work item (a 128-row query tile of one batch row and head); an int (the SM
   count) launches about that many persistent CTAs (persistent_programs), each looping over items i, i + G, ...: the
   producer then streams the next item's keys while the consumers finish the previous one, hiding the per-item
-  start and finish.
+  start and finish. align_keys: key steps start at each CTA's first key (tile_table), else on a block_k grid.
   """
   if plgpu is None:
     raise RuntimeError("jax.experimental.pallas.mosaic_gpu is not available in this jax build.")
@@ -135,7 +157,7 @@ def forward(q, k, v, plan: TilePlan, *, scale: float, stages: int = 2, consumer_
     # rejects other lengths; its round-down mode would drop the last rows). Pad by < 8 rows; costs a copy.
     pad = [(0, 0), (0, ROW_ALIGN - length % ROW_ALIGN), (0, 0), (0, 0)]
     out, lse = forward(*(jnp.pad(x, pad) for x in (q, k, v)), plan, scale=scale, stages=stages,
-                       consumer_registers=consumer_registers, programs=programs)
+                       consumer_registers=consumer_registers, programs=programs, align_keys=align_keys)
     return out[:, :length], lse
   batch, length, heads, head_dim = q.shape
   dtype = q.dtype
@@ -147,7 +169,7 @@ def forward(q, k, v, plan: TilePlan, *, scale: float, stages: int = 2, consumer_
   n_cta = l_pad // (CONSUMERS * block_q)
   n_items = n_cta * heads * batch
   n_programs = n_items if programs is None else persistent_programs(programs, n_cta, n_items)
-  table = jnp.asarray(tile_table(plan))
+  table = jnp.asarray(tile_table(plan, align_keys))
   row_start, row_end = jnp.asarray(plan.row_start), jnp.asarray(plan.row_end)
   qk_scale = scale * LOG2E
 
@@ -168,7 +190,7 @@ def forward(q, k, v, plan: TilePlan, *, scale: float, stages: int = 2, consumer_
     def item_range(item):
       cta, h, b = item_coords(item)
       first = CONSUMERS * cta
-      return cta, h, b, first, tab_ref[first, 4], tab_ref[first, 5]
+      return cta, h, b, first, tab_ref[first, 4], tab_ref[first, 5], tab_ref[first, 7]
 
     def schedule_barrier():
       plgpu.barrier_arrive(schedule)
@@ -183,7 +205,7 @@ def forward(q, k, v, plan: TilePlan, *, scale: float, stages: int = 2, consumer_
 
       def run_item(n, step_base):
         # step_base: key/value steps this program consumed before (the ring slot of a step continues across items).
-        _, h, b, first, cta_lo, cta_hi = item_range(program + n * n_programs)
+        _, h, b, first, cta_lo, cta_hi, kv_start = item_range(program + n * n_programs)
         tile = first + wg
         row0 = tile * block_q
         plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, block_q), h], qo_smem, q_ready.at[wg])
@@ -238,7 +260,7 @@ def forward(q, k, v, plan: TilePlan, *, scale: float, stages: int = 2, consumer_
 
             if masked:
               cols = plgpu.broadcasted_iota(jnp.int32, (block_q, block_k), 1, layout=plgpu.Layout.WGMMA)
-              cols = cols + kv_step * block_k
+              cols = cols + (kv_start + kv_step * block_k)
               inside = ((cols >= lax.broadcast_in_dim(rows_start, (block_q, block_k), [0]))
                         & (cols < lax.broadcast_in_dim(rows_end, (block_q, block_k), [0])))
               qk = jnp.where(inside, qk, -jnp.inf)
@@ -293,13 +315,13 @@ def forward(q, k, v, plan: TilePlan, *, scale: float, stages: int = 2, consumer_
       plgpu.set_max_registers(40, action="decrease")
 
       def run_item(n, step_base):
-        _, h, b, _, cta_lo, cta_hi = item_range(program + n * n_programs)
+        _, h, b, _, cta_lo, cta_hi, kv_start = item_range(program + n * n_programs)
 
         @pl.loop(cta_lo, cta_hi)
         def _load(step):
           count = step_base + step - cta_lo  # steps issued by this program before this one
           slot = lax.rem(count, jnp.int32(stages))
-          rows = pl.ds(step * block_k, block_k)
+          rows = pl.ds(pl.multiple_of(kv_start + step * block_k, ROW_ALIGN), block_k)
 
           @pl.when(count >= stages)  # the slot held step count - stages: wait until both consumers are done
           def _():
