@@ -40,11 +40,15 @@ def main():
                  "25 DiT-head steps; never the headline number)")
   p.add_argument("--profile", default=None, help="trace one more batch into this log_dir and print where the "
                  "device time goes (bench/trace_summary.py; kernels annotated when XLA_FLAGS has --xla_dump_to)")
+  p.add_argument("--fused_norm", type=int, default=None, help="config.model.fused_norm override: 0 | 1 (1: the DiT "
+                 "head's LayerNorm + modulation as one Pallas kernel, GPU only)")
   p.add_argument("--out", default=None)
   args = p.parse_args()
 
   config = get_config(args.variant)
   config.model.sampling_preset = args.preset
+  if args.fused_norm is not None:
+    config.model.fused_norm = bool(args.fused_norm)
   family = models.family_module(config)
   kwargs = family.sample_kwargs(config)
   if args.num_iter is not None:
@@ -79,7 +83,8 @@ def main():
   result = {
       "command": "PYTHONPATH=. python " + " ".join(sys.argv),
       "device": jax.devices()[0].device_kind, "jax": jax.__version__, "variant": args.variant,
-      "batch": args.batch, "sampling_preset": args.preset, "sample_kwargs": {k: v for k, v in kwargs.items()},
+      "batch": args.batch, "sampling_preset": args.preset, "fused_norm": config.model.get("fused_norm"),
+      "sample_kwargs": {k: v for k, v in kwargs.items()},
       "dit_sampling_steps": kwargs.get("dit_sampling_steps", config.model.get("dit_sampling_steps")),
       "mlp_sampling_steps": kwargs.get("num_sampling_steps", config.model.num_sampling_steps),
       "first_call_s (compile + run)": first_s, "batch_s": batch_s, "s_per_image": batch_s / args.batch,

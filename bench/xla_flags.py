@@ -59,7 +59,7 @@ def relative_difference(a, b) -> float:
   return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))
 
 
-def run_workload(workload: str, variant: str, passes: int, repeats: int, out_npy: str) -> dict:
+def run_workload(workload: str, variant: str, passes: int, repeats: int, out_npy: str, norm: str = "xla") -> dict:
   """Times one workload in this process (its XLA_FLAGS already set); saves its output to out_npy."""
   import jax
   import jax.numpy as jnp
@@ -72,7 +72,8 @@ def run_workload(workload: str, variant: str, passes: int, repeats: int, out_npy
 
   m = get_config(variant).model
   head = heads.DiTHead(m.token_dim, m.decoder_dim, m.dit_width, m.dit_depth, m.dit_heads,
-                       grid_size=m.grid_size, mlp_ratio=m.dit_mlp_ratio, rngs=nnx.Rngs(0))
+                       grid_size=m.grid_size, mlp_ratio=m.dit_mlp_ratio, rngs=nnx.Rngs(0),
+                       norm_implementation=norm)
   # adaLN weights are zero at init (every block would be the identity): small random values exercise the
   # same kernels with non-trivial numbers.
   graphdef, params = nnx.split(head, nnx.Param)
@@ -133,13 +134,15 @@ def main():
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--sets", default=";".join(DEFAULT_SETS), help="name=flags;name=flags (first = baseline)")
   p.add_argument("--timeout", type=int, default=240, help="seconds per flag set")
+  p.add_argument("--norm", default="xla", choices=("xla", "pallas_gpu"),
+                 help="the DiT head's modulated_layer_norm backend")
   p.add_argument("--out", default=None)
   p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one set, write JSON here
   args = p.parse_args()
 
   if args.child:
     npy = args.child + ".npy"
-    result = run_workload(args.workload, args.variant, args.passes, args.repeats, npy)
+    result = run_workload(args.workload, args.variant, args.passes, args.repeats, npy, args.norm)
     with open(args.child, "w") as f:
       json.dump(result, f)
     return
@@ -152,7 +155,7 @@ def main():
       child_out = os.path.join(tmp, f"set{i}.json")
       env = dict(os.environ, XLA_FLAGS=" ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), flags])))
       cmd = [sys.executable, os.path.abspath(__file__), f"--workload={args.workload}", f"--variant={args.variant}",
-             f"--passes={args.passes}", f"--repeats={args.repeats}", f"--child={child_out}"]
+             f"--passes={args.passes}", f"--repeats={args.repeats}", f"--norm={args.norm}", f"--child={child_out}"]
       row = {"name": name, "flags": flags}
       try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
@@ -174,7 +177,7 @@ def main():
       print(f"{name:24s} " + (f"{row['ms_per_pass']:8.3f} ms  x{row['speedup']:.3f}  diff "
                                f"{row['rel_diff_vs_first']:.2e}" if "ms_per_pass" in row else row["error"]),
             flush=True)
-  report({"command": "PYTHONPATH=. python " + " ".join(sys.argv), "workload": args.workload,
+  report({"command": "PYTHONPATH=. python " + " ".join(sys.argv), "workload": args.workload, "norm": args.norm,
           "variant": args.variant, "passes": args.passes, "rows": rows}, args.out)
 
 

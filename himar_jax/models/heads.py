@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from himar_jax.diffusion import GaussianDiffusion
+from himar_jax.kernels.modulated_norm import modulated_layer_norm
 from himar_jax.nn.layers import DEFAULT_COMPUTE_DTYPE, Mlp, dense, layer_norm
 from himar_jax.nn.transformer import SelfAttention, check_remat, run_blocks
 from himar_jax.parallel.sharding import constrain
@@ -106,16 +107,19 @@ class MlpResBlock(nnx.Module):
 
 
 class FinalLayer(nnx.Module):
-  """Non-affine LN, adaLN (shift, scale) and a linear output layer; all zero-initialised (DiT / MAR)."""
+  """Non-affine LN, adaLN (shift, scale) and a linear output layer; all zero-initialised (DiT / MAR).
+  norm_implementation: modulated_layer_norm's backend ('xla', or the opt-in 'pallas_gpu' kernel)."""
 
-  def __init__(self, width: int, out_channels: int, *, rngs: nnx.Rngs, dtype=DEFAULT_COMPUTE_DTYPE):
-    self.norm = layer_norm(width, rngs=rngs, epsilon=1e-6, affine=False)
+  def __init__(self, width: int, out_channels: int, *, rngs: nnx.Rngs, dtype=DEFAULT_COMPUTE_DTYPE,
+               norm_implementation: str = "xla"):
     self.adaln = dense(width, 2 * width, ("embed", "mlp"), rngs=rngs, dtype=dtype, kernel_init=_zeros)
     self.linear = dense(width, out_channels, ("embed", None), rngs=rngs, dtype=dtype, kernel_init=_zeros)
+    self.compute_dtype, self.norm_implementation = dtype, norm_implementation
 
   def __call__(self, x, c):
-    shift, scale = jnp.split(_f32(self.adaln(nnx.silu(c))), 2, axis=-1)
-    return _f32(self.linear(modulate(self.norm(x), shift, scale)))
+    _, y = modulated_layer_norm(x, self.adaln(nnx.silu(c)), shift=0, scale=1, out_dtype=self.compute_dtype,
+                                implementation=self.norm_implementation)
+    return _f32(self.linear(y))
 
 
 class MlpHead(nnx.Module):
@@ -171,20 +175,26 @@ def _torch_conv_default_init(fan_in: int):
 
 
 class DiTBlock(nnx.Module):
-  """DiT block with per-token adaLN: (shift, scale, gate) for attention and for the tanh-GELU MLP."""
+  """DiT block with per-token adaLN: (shift, scale, gate) for attention and for the tanh-GELU MLP.
+
+  The non-affine LayerNorms, their modulation and the attention's gated residual go through modulated_layer_norm,
+  which reads the adaLN chunks in place (norm_implementation: its backend, 'xla' or the opt-in 'pallas_gpu')."""
 
   def __init__(self, width: int, num_heads: int, *, rngs: nnx.Rngs, mlp_ratio: float = 4.0,
-               dtype=DEFAULT_COMPUTE_DTYPE, attention: str | None = None):
-    self.norm1 = layer_norm(width, rngs=rngs, epsilon=1e-6, affine=False)
+               dtype=DEFAULT_COMPUTE_DTYPE, attention: str | None = None, norm_implementation: str = "xla"):
     self.attn = SelfAttention(width, num_heads, rngs=rngs, dtype=dtype, implementation=attention)
-    self.norm2 = layer_norm(width, rngs=rngs, epsilon=1e-6, affine=False)
     self.mlp = Mlp(width, int(width * mlp_ratio), rngs=rngs, approximate_gelu=True, dtype=dtype)
     self.adaln = dense(width, 6 * width, ("embed", "mlp"), rngs=rngs, dtype=dtype, kernel_init=_zeros)
+    self.compute_dtype, self.norm_implementation = dtype, norm_implementation
 
   def __call__(self, x, c):
-    s_msa, sc_msa, g_msa, s_mlp, sc_mlp, g_mlp = jnp.split(_f32(self.adaln(nnx.silu(c))), 6, axis=-1)
-    x = x + g_msa * _f32(self.attn(modulate(self.norm1(x), s_msa, sc_msa)))
-    return x + g_mlp * _f32(self.mlp(modulate(self.norm2(x), s_mlp, sc_mlp)))
+    mod = self.adaln(nnx.silu(c))  # (..., 6 W): shift, scale, gate for the attention, then for the MLP
+    norm = functools.partial(modulated_layer_norm, out_dtype=self.compute_dtype,
+                             implementation=self.norm_implementation)
+    _, y = norm(x, mod, shift=0, scale=1)
+    x, y = norm(x, mod, shift=3, scale=4, h=self.attn(y), gate=2)
+    gate_mlp = mod[..., 5 * x.shape[-1]:]
+    return x + _f32(gate_mlp) * _f32(self.mlp(y))
 
 
 class DiTHead(nnx.Module):
@@ -193,13 +203,14 @@ class DiTHead(nnx.Module):
   Published sizes (width x depth, heads; mlp_ratio 4): B 512 x 6 (8), L 512 x 8 (8), H 768 x 12 (12), on the
   16 x 16 map of 16-channel tokens. Parameter count: the official class also registers `pos_embed` (fixed,
   recomputed here) and `c_pos_embed` (never used by its forward) as parameters, 2 x L x width numbers that are
-  not nnx.Params here.
+  not nnx.Params here. norm_implementation: the blocks' and the final layer's modulated_layer_norm backend ('xla';
+  'pallas_gpu' is the opt-in kernel, slower inside this head on the H100: kernels/modulated_norm.py).
   """
 
   def __init__(self, in_channels: int, cond_channels: int, width: int, depth: int, num_heads: int, *,
                rngs: nnx.Rngs, grid_size: int = 16, mlp_ratio: float = 4.0, learn_sigma: bool = False,
                dtype=DEFAULT_COMPUTE_DTYPE, attention: str | None = None, remat: str = "none",
-               scan_blocks: bool = False):
+               scan_blocks: bool = False, norm_implementation: str = "xla"):
     self.in_channels = in_channels
     self.out_channels = 2 * in_channels if learn_sigma else in_channels
     self.grid_size = grid_size
@@ -213,8 +224,10 @@ class DiTHead(nnx.Module):
                             bias_init=_torch_conv_default_init(cond_channels))
     self.t_embedder = TimestepEmbedder(width, rngs=rngs, dtype=dtype)
     self.blocks = nnx.List([DiTBlock(width, num_heads, rngs=rngs, mlp_ratio=mlp_ratio, dtype=dtype,
-                                     attention=attention) for _ in range(depth)])
-    self.final_layer = FinalLayer(width, self.out_channels, rngs=rngs, dtype=dtype)
+                                     attention=attention, norm_implementation=norm_implementation)
+                            for _ in range(depth)])
+    self.final_layer = FinalLayer(width, self.out_channels, rngs=rngs, dtype=dtype,
+                                  norm_implementation=norm_implementation)
 
   def pos_embed(self):
     return jnp.asarray(sincos_pos_embed_2d(self.width, self.grid_size))
