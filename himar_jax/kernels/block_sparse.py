@@ -7,8 +7,8 @@ Backends ('implementation'):
                 Mosaic GPU forward in pallas_mgpu.py; gpu_kernel='triton' (other GPUs, float32, other head_dims,
                 shorter layouts, interpret mode): the Triton-lowering forward in pallas_gpu.py. The backward is
                 chosen separately (gpu_bwd_kernel): the Mosaic GPU backward in pallas_mgpu.py (auto on Hopper for
-                bfloat16/float16 at head_dim 64, where it was measured faster at every layout) or the Triton one in
-                pallas_gpu.py (everything else)
+                bfloat16/float16 at head_dim 64, where it was measured faster, except block-diagonal layouts up to
+                ALIGN_TILES_MAX_LENGTH) or the Triton one in pallas_gpu.py (everything else)
   'pallas_tpu'  Pallas Mosaic TPU kernels in pallas_tpu.py
   'xla'         the dense-masked float32 reference (reference.py)
   None          'pallas_gpu' on GPU, 'pallas_tpu' on TPU, 'xla' elsewhere

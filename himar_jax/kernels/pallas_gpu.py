@@ -1,15 +1,16 @@
 """Block-sparse attention on GPU: Pallas kernels through the Triton lowering (forward, fused dq/dk/dv backward).
 
-Tensors keep the (batch, length, heads, head_dim) layout, unpadded: the last tile's rows past L are loaded with
-masks (as zeros) and never stored, so no padded copy of q, k, v or the outputs is made. Each query tile loops over
-key tiles [kv_lo, kv_hi) only, each key tile (backward) over query tiles [q_lo, q_hi); tiles outside are never
-loaded. Inside that range, the "full" sub-range runs without masks; the boundary tiles mask logits with the
-per-row range [row_start, row_end). Tiles run heaviest-first (last tile first: later scales are larger).
+Tensors keep the (batch, length, heads, head_dim) layout, unpadded: rows past L are loaded with masks (as zeros)
+and never stored, so no padded copy of q, k, v or the outputs is made. Work comes from per-tile tables
+(layout.RowTiles): a tile computes block rows from row0 and stores only the rows it owns; it steps over the keys
+(forward, dq) or queries (dk/dv) from the first one any owned row sees, never loading what lies outside. Steps in
+the table's "full" sub-range run without masks; the others mask with the per-row ranges. Tiles cut at scale
+starts (short layouts) visit only their own scales' keys. Tiles run heaviest first.
 Logits live in base 2 (scaled by scale*log2(e)) so the softmax uses exp2; lse is stored in the same units.
 
-On Hopper, long layouts use the Mosaic GPU forward in pallas_mgpu.py instead, and head_dim 64 its backward
-(block_sparse.py dispatches); these kernels serve other GPUs, short layouts (forward: faster there), float32, other
-head_dims, interpret mode. Measurements: bench/attention_notes.md.
+On Hopper, long layouts use the Mosaic GPU forward in pallas_mgpu.py instead, and its backward except at short
+block-diagonal layouts (block_sparse.py dispatches); these kernels serve those, other GPUs, float32, other
+head_dims and interpret mode. Measurements: bench/attention_notes.md.
 """
 from __future__ import annotations
 
