@@ -553,3 +553,19 @@ def test_triton_backward_stages_follow_the_tiling(monkeypatch, align_tiles, want
   jax.grad(lambda q: block_sparse_attention(q, q, q, layout, implementation="pallas_gpu", interpret=True,
                                             align_tiles=align_tiles).sum())(q)
   assert seen["num_stages"] == want
+
+
+def test_mosaic_backward_streams_128_rows_from_the_long_layouts(monkeypatch):
+  # Auto block_bwd for the Mosaic backward: 64-row streamed tiles below MOSAIC_BWD_GRID_LENGTH, 128 from there
+  # (measured faster at L9451 with the same gradient errors; notes, session 7).
+  monkeypatch.setattr(block_sparse, "_is_hopper", lambda: True)
+  monkeypatch.setattr(block_sparse, "_unsupported_reason", lambda *args: None)
+  seen = []
+  monkeypatch.setattr(block_sparse, "_attend", lambda q, k, v, cfg, layout: seen.append(cfg) or q)
+  for patch_nums, want in ((PATCH_NUMS_512, 64), (PATCH_NUMS_1024, 128)):
+    layout = ScaleLayout.from_patch_nums(patch_nums, "block_causal")
+    q = jnp.zeros((1, layout.length, 1, 64), jnp.bfloat16)
+    block_sparse_attention(q, q, q, layout, implementation="pallas_gpu")
+    assert (seen[-1].gpu_bwd_kernel, seen[-1].block_bwd) == ("mosaic", want)
+  block_sparse_attention(q, q, q, layout, implementation="pallas_gpu", block_bwd=64)
+  assert seen[-1].block_bwd == 64

@@ -145,13 +145,17 @@ MOSAIC_GRID_LENGTH = 4096
 # 3.137 -> 2.341), so at every length. head_dim 128 is checked for correctness only (not timed), so
 # auto keeps Triton there (MOSAIC_BWD_AUTO_HEAD_DIMS). Below MOSAIC_BWD_GRID_LENGTH persistent CTAs (L680 0.532 vs
 # 0.583 one CTA per item; L2240 0.696 vs 0.759), from there one CTA per item (L9451 1.345 / 2.563 vs 1.351 / 2.605).
-# Streamed tiles of MOSAIC_BWD_BLOCK = 64 rows (L680 0.532 vs 0.568 with 128; L2240 0.696 vs 0.739). At L9451
-# 128-row tiles timed faster (1.288 / 2.341) but were not in that run's numerical checks, so they stay opt-in
-# (block_bwd=128) until checked. Session 7: with the Triton kernels' tiles cut at scale starts (below), the Triton
-# backward overtook it at L680 block-diagonal (0.486 / 0.489 vs 0.500 / 0.502 ms forward+backward in two runs), so
-# auto takes Triton for block-diagonal layouts whose Triton tiles are aligned; block-causal stays Mosaic (0.703
-# vs 0.905 ms at L680).
+# Streamed tiles of MOSAIC_BWD_BLOCK = 64 rows (L680 0.532 vs 0.568 with 128; L2240 0.696 vs 0.739), and of
+# MOSAIC_BWD_LONG_BLOCK = 128 rows from MOSAIC_BWD_GRID_LENGTH on (L9451: 1.288 / 2.341 vs 1.345 / 2.563 in session
+# 3; session 7, same run: 1.256 / 2.319 vs 1.366 / 2.523, with the gradient errors of 64-row tiles:
+# bench/results/attention_bwd128_checks.json). Session 7: with the Triton kernels' tiles cut at scale starts
+# (below), the Triton backward overtook it at L680 block-diagonal (0.486 / 0.489 vs 0.500 / 0.502 ms
+# forward+backward in two runs), so auto takes Triton for block-diagonal layouts whose Triton tiles are aligned;
+# block-causal stays Mosaic (0.703 vs 0.905 ms at L680).
 MOSAIC_BWD_AUTO_HEAD_DIMS = (64,)
+MOSAIC_BWD_GRID_LENGTH = 4096
+MOSAIC_BWD_BLOCK = 64
+MOSAIC_BWD_LONG_BLOCK = 128
 # Triton-kernel tiles cut at scale starts up to this length (layout.segment_starts): at L680 they visit 21%
 # fewer 64x32 tile pairs than a fixed grid (block-diagonal; 7% block-causal) and the Triton forward took 0.113 vs
 # 0.128 ms (diagonal) and 0.191 vs 0.208 (causal); at L2240 the two are level (0.197 vs 0.199, 0.357 vs 0.360).
@@ -159,8 +163,6 @@ ALIGN_TILES_MAX_LENGTH = 1024
 # The Triton backward on aligned tiles: 2 pipeline stages (L680 block-diagonal backward 0.353 ms in two runs vs
 # 0.370 with 3; the forward keeps 3: 0.113 - 0.116 vs 0.124 - 0.131 with 2).
 ALIGNED_BWD_NUM_STAGES = 2
-MOSAIC_BWD_GRID_LENGTH = 4096
-MOSAIC_BWD_BLOCK = 64
 
 
 def _choose_gpu_bwd_kernel(q, gpu_bwd_kernel: str | None, interpret, block_bwd: int | None,
@@ -217,7 +219,8 @@ def block_sparse_attention(q, k, v, layout: ScaleLayout, *, scale: float | None 
   MOSAIC_GRID_LENGTH).
   gpu_bwd_kernel: 'mosaic' | 'triton' | None (auto: Mosaic on Hopper for bfloat16/float16 at head_dim 64, see
   _choose_gpu_bwd_kernel): the Mosaic GPU backward (pallas_mgpu.backward: a dq and a dk/dv kernel, 64 rows per
-  warpgroup, block_bwd = the streamed tile, 64 or 128, default MOSAIC_BWD_BLOCK) or the
+  warpgroup, block_bwd = the streamed tile, 64 or 128, default MOSAIC_BWD_BLOCK, or MOSAIC_BWD_LONG_BLOCK from
+  L = MOSAIC_BWD_GRID_LENGTH) or the
   Triton one; bwd_persistent: the Mosaic backward's grid, as persistent (None: persistent for L <
   MOSAIC_BWD_GRID_LENGTH).
   align_tiles: the Triton kernels' query and key tiles start at scale starts (small scales merged into one tile),
@@ -254,7 +257,8 @@ def block_sparse_attention(q, k, v, layout: ScaleLayout, *, scale: float | None 
                 if implementation == "pallas_gpu" else "triton")
   d_q, d_k, d_bwd = _default_blocks(implementation, q.shape[-1], layout.length, kernel)
   if bwd_kernel == "mosaic":
-    d_bwd = MOSAIC_BWD_BLOCK  # the streamed tile (keys in the dq kernel, queries in the dk/dv kernel)
+    # the streamed tile (keys in the dq kernel, queries in the dk/dv kernel)
+    d_bwd = MOSAIC_BWD_LONG_BLOCK if layout.length >= MOSAIC_BWD_GRID_LENGTH else MOSAIC_BWD_BLOCK
   if kernel == "mosaic" and block_q not in (None, pallas_mgpu.BLOCK_Q):
     raise ValueError(f"block_q={block_q}: the Mosaic GPU forward uses {pallas_mgpu.BLOCK_Q}-row query tiles "
                      "(pass gpu_kernel='triton' for other sizes).")
