@@ -16,7 +16,6 @@ import argparse
 import math
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.report import report  # noqa: E402
+from bench.timing import time_ms  # noqa: E402
 from himar_jax.nn.layers import gelu_erf  # noqa: E402
 
 VARIANTS = {
@@ -33,17 +33,6 @@ VARIANTS = {
     "tanh_bf16": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_erf (ours: closed-form erf, float32)": gelu_erf,
 }
-
-
-def time_ms(fn, args, iters: int, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))
-  samples = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    outs = [fn(*args) for _ in range(iters)]
-    jax.block_until_ready(outs)
-    samples.append((time.perf_counter() - t0) / iters * 1e3)
-  return float(np.median(samples))
 
 
 def gelu64(x: np.ndarray) -> np.ndarray:

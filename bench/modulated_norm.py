@@ -12,27 +12,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.report import report  # noqa: E402
+from bench.timing import time_ms  # noqa: E402
 from himar_jax.kernels.modulated_norm import modulated_layer_norm  # noqa: E402
-
-
-def time_ms(fn, args, iters: int, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))
-  samples = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    outs = [fn(*args) for _ in range(iters)]
-    jax.block_until_ready(outs)
-    samples.append((time.perf_counter() - t0) / iters * 1e3)
-  return float(np.median(samples))
 
 
 def main():
