@@ -133,7 +133,7 @@ def check(layout, batch, heads, head_dim, key, kernel_kwargs, dtype=jnp.bfloat16
   return errs, finite
 
 
-def check_all(args, key, kernel_kwargs):
+def check_all(args, key, kernel_kwargs, on_row=lambda row: None):
   """Both GPU kernels on every benchmark layout (B2 H4), plus head_dim 128, float16 and an odd layout (padding)."""
   cases = [(size, pattern, args.head_dim, jnp.bfloat16) for size in args.sizes.split(",")
            for pattern in args.patterns.split(",")]
@@ -161,6 +161,7 @@ def check_all(args, key, kernel_kwargs):
              "dtype": jnp.dtype(dtype).name, "gpu_kernel": ran, "gpu_bwd_kernel": ran_bwd,
              "rel_err_out_dq_dk_dv": errs, "finite": finite}
       checks.append(row)
+      on_row(row)  # the caller saves after every check: a run cut by its timeout keeps what it has
       print("check", json.dumps(row), flush=True)
   return checks
 
@@ -241,7 +242,7 @@ def main():
 
   if args.check:
     key, sub = jax.random.split(key)
-    checks.extend(check_all(args, sub, kernel_kwargs))
+    check_all(args, sub, kernel_kwargs, on_row=lambda row: (checks.append(row), save()))
     save()
   if args.extra_checks:
     key, sub = jax.random.split(key)
