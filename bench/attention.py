@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.timing import time_ms
 from himar_jax.kernels import PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_1024, ScaleLayout, block_sparse_attention
 from himar_jax.kernels import block_sparse
 from himar_jax.nn.attention import xla_attention
@@ -98,18 +99,6 @@ def fwd_bwd(fn):
     out, vjp = jax.vjp(fn, q, k, v)
     return out, vjp(do)
   return run
-
-
-def time_ms(fn, input_sets, iters: int, repeats: int) -> float:
-  """Median over repeats of (wall time of `iters` back-to-back calls, blocked at the end) / iters."""
-  jax.block_until_ready(fn(*input_sets[0]))
-  samples = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    outs = [fn(*input_sets[i % len(input_sets)]) for i in range(iters)]
-    jax.block_until_ready(outs)
-    samples.append((time.perf_counter() - t0) / iters * 1e3)
-  return float(np.median(samples))
 
 
 def rel_err(a, b) -> float:

@@ -62,8 +62,8 @@ def main():
     mlp = jax.jit(lambda x, w1, w2, gelu=gelu: gelu(x @ w1) @ w2)
     got = np.asarray(alone(h[:256]), np.float64)
     big = np.abs(want) >= 1e-3
-    row = {"variant": name, "gelu_ms": time_ms(alone, (h,), args.iters, args.repeats),
-           "mlp_ms": time_ms(mlp, (x, w1, w2), args.iters, args.repeats),
+    row = {"variant": name, "gelu_ms": time_ms(alone, [(h,)], args.iters, args.repeats),
+           "mlp_ms": time_ms(mlp, [(x, w1, w2)], args.iters, args.repeats),
            "bytes_floor_ms_at_3tbps": 2 * h.size * 2 / 3e12 * 1e3,
            "max_abs_err": float(np.max(np.abs(got - want))),
            "max_rel_err_where_abs_ge_1e-3": float(np.max(np.abs(got - want)[big] / np.abs(want[big])))}

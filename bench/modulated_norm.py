@@ -48,8 +48,8 @@ def main():
       # x (f32) and 2 chunks (bf16) in, x_out (f32) and y (bf16) out; with the residual also h and the gate chunk.
       moved = args.rows * width * (4 + 2 * 2 + 4 + 2 + (2 * 2 if residual else 0))
       row = {"width": width, "residual": residual, "rows": args.rows,
-             "fused_ms": time_ms(fused, (x, mod, h), args.iters, args.repeats),
-             "xla_ms": time_ms(xla, (x, mod, h), args.iters, args.repeats), "bytes_one_pass": moved,
+             "fused_ms": time_ms(fused, [(x, mod, h)], args.iters, args.repeats),
+             "xla_ms": time_ms(xla, [(x, mod, h)], args.iters, args.repeats), "bytes_one_pass": moved,
              "x_out_rel_diff": float(jnp.max(jnp.abs(got[0] - want[0])) / jnp.max(jnp.abs(want[0]))),
              "y_max_abs_diff": float(jnp.max(jnp.abs(got[1].astype(jnp.float32) - want[1].astype(jnp.float32))))}
       row["fused_tb_per_s"] = moved / row["fused_ms"] / 1e9

@@ -25,6 +25,14 @@ def row_mask(rows_start, rows_end, col0, block_k):
   return (cols >= rows_start) & (cols < rows_end)
 
 
+def run_steps(step, lo, full_lo, full_hi, hi, carry):
+  """A tile's steps: masked [lo, full_lo), unmasked [full_lo, full_hi), masked [full_hi, hi); step(masked) is the
+  (index, carry) -> carry body with or without the per-row masks."""
+  carry = lax.fori_loop(lo, full_lo, step(True), carry)
+  carry = lax.fori_loop(full_lo, full_hi, step(False), carry)
+  return lax.fori_loop(full_hi, hi, step(True), carry)
+
+
 def softmax_bwd_delta(out, do, l_pad: int):
   """delta_r = sum_d do * o (the softmax backward's row term), float32 (B, H, l_pad), zero on padding rows."""
   delta = jnp.einsum("blhd,blhd->bhl", do.astype(jnp.float32), out.astype(jnp.float32))

@@ -23,7 +23,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from himar_jax.kernels.common import MASK_VALUE, NT, TN, dot, out_struct, row_mask, softmax_bwd_delta
+from himar_jax.kernels.common import (MASK_VALUE, NT, TN, dot, out_struct, row_mask, run_steps,
+                                      softmax_bwd_delta)
 from himar_jax.kernels.layout import TABLE_WIDTH, TILE_FIELDS, RowTiles
 
 LOG2E = math.log2(math.e)
@@ -68,13 +69,6 @@ def _tile_fields(table_ref, i):
   return tuple(jnp.sum(jnp.where(lane == f, entry, 0)) for f in range(len(TILE_FIELDS)))
 
 
-def _run_steps(step, steps, full_lo, full_hi, carry):
-  """Masked steps [0, full_lo), unmasked [full_lo, full_hi), masked [full_hi, steps)."""
-  carry = lax.fori_loop(0, full_lo, step(True), carry)
-  carry = lax.fori_loop(full_lo, full_hi, step(False), carry)
-  return lax.fori_loop(full_hi, steps, step(True), carry)
-
-
 def _fwd_kernel(q_ref, k_ref, v_ref, rs_ref, re_ref, table_ref, o_ref, lse_ref, *, qk_scale, block_q, block_k,
                 length, fast_exp, interpret):
   row0, row_end, col0, steps, full_lo, full_hi = _tile_fields(table_ref, pl.program_id(0))
@@ -102,7 +96,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, rs_ref, re_ref, table_ref, o_ref, lse_ref, 
 
   carry = (jnp.zeros((block_q, head_dim), jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
            jnp.zeros((block_q,), jnp.float32))
-  acc, m, l = _run_steps(body, steps, full_lo, full_hi, carry)
+  acc, m, l = run_steps(body, 0, full_lo, full_hi, steps, carry)
   _store_rows(o_ref, row0, acc / l[:, None], row_end)
   owned = (row0 + lax.broadcasted_iota(jnp.int32, (block_q,), 0)) < row_end
   pl_triton.store(lse_ref.at[rows], m + jnp.log2(l), mask=owned)
@@ -138,7 +132,7 @@ def _bwd_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rs_ref, re_ref,
       return dk, dv
     return step
 
-  dk, dv = _run_steps(dkdv, steps, full_lo, full_hi, (zeros, zeros))
+  dk, dv = run_steps(dkdv, 0, full_lo, full_hi, steps, (zeros, zeros))
   _store_rows(dk_ref, key0, dk * scale, key_end)
   _store_rows(dv_ref, key0, dv, key_end)
 
@@ -165,7 +159,7 @@ def _bwd_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rs_ref, re_ref,
       return dq + dot(ds.astype(k.dtype), k)
     return step
 
-  dq = _run_steps(dq_body, steps, full_lo, full_hi, zeros)
+  dq = run_steps(dq_body, 0, full_lo, full_hi, steps, zeros)
   _store_rows(dq_ref, row0, dq * scale, row_end)
 
 

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from himar_jax.kernels.common import match_vma, out_struct, softmax_bwd_delta
+from himar_jax.kernels.common import match_vma, out_struct, run_steps, softmax_bwd_delta
 from himar_jax.kernels.layout import TilePlan, key_ranges
 
 try:  # Mosaic GPU ships with jax, but keep this module importable where a jax build lacks it.
@@ -121,9 +121,7 @@ def _range_steps(bounds, skip_step, body, carry):
   """
   cta_lo, lo, full_lo, full_hi, hi, cta_hi = bounds
   lax.fori_loop(cta_lo, lo, skip_step, None)
-  carry = lax.fori_loop(lo, full_lo, body(True), carry)
-  carry = lax.fori_loop(full_lo, full_hi, body(False), carry)
-  carry = lax.fori_loop(full_hi, hi, body(True), carry)
+  carry = run_steps(body, lo, full_lo, full_hi, hi, carry)
   lax.fori_loop(hi, cta_hi, skip_step, None)
   return carry
 

@@ -127,6 +127,14 @@ def _erf_f32(z):
   return jnp.sign(z) * (1.0 - poly * jnp.exp(-a * a))
 
 
+_INV_SQRT2 = float(1.0 / np.sqrt(2.0))
+_INV_SQRT_2PI = float(1.0 / np.sqrt(2.0 * np.pi))
+
+
+def _normal_cdf(x32):
+  return 0.5 * (1.0 + _erf_f32(x32 * _INV_SQRT2))
+
+
 @jax.custom_jvp
 def gelu_erf(x):
   """Exact-form GELU, x * Phi(x) (PyTorch's nn.GELU(), timm's default), computed in float32 and returned in x's
@@ -137,18 +145,14 @@ def gelu_erf(x):
   0.40 ms bytes floor (bench/gelu.py). The derivative is the exact formula Phi(x) + x phi(x), not the derivative of
   the approximation."""
   x32 = x.astype(jnp.float32)
-  return (0.5 * x32 * (1.0 + _erf_f32(x32 * _INV_SQRT2))).astype(x.dtype)
-
-
-_INV_SQRT2 = float(1.0 / np.sqrt(2.0))
-_INV_SQRT_2PI = float(1.0 / np.sqrt(2.0 * np.pi))
+  return (x32 * _normal_cdf(x32)).astype(x.dtype)
 
 
 @gelu_erf.defjvp
 def _gelu_erf_jvp(primals, tangents):
   (x,), (dx,) = primals, tangents
   x32 = x.astype(jnp.float32)
-  cdf = 0.5 * (1.0 + _erf_f32(x32 * _INV_SQRT2))
+  cdf = _normal_cdf(x32)
   slope = cdf + x32 * _INV_SQRT_2PI * jnp.exp(-0.5 * x32 * x32)
   return (x32 * cdf).astype(x.dtype), (slope * dx.astype(jnp.float32)).astype(dx.dtype)
 
