@@ -4,7 +4,7 @@ Run on a GPU machine from the repository root:
   PYTHONPATH=. python bench/attention.py --out bench/results/attention_h100.json
 Methods: ours (automatic dispatch, what callers get), ours_mosaic (Mosaic GPU forward + Triton backward),
 ours_triton (Triton-lowering forward and backward), ours_triton_bwd / ours_mgpu_bwd (automatic forward + Triton /
-Mosaic GPU backward),
+Mosaic GPU backward), ours_padded (automatic, Mosaic copies through tiled views: odd lengths padded),
 xla_masked, cudnn_masked, cudnn_nomask. --variants adds forward-only timings of Mosaic GPU settings
 (block_k:stages:persistent); --bwd-variants forward+backward timings of Mosaic GPU backward settings
 (block_bwd:persistent:forward kernel). Before timing, checks both kernels
@@ -88,6 +88,10 @@ def methods(layout: ScaleLayout, kernel_kwargs):
       "ours_tfwd_mbwd_grid": lambda q, k, v: block_sparse_attention(q, k, v, layout, gpu_kernel="triton",
                                                                     gpu_bwd_kernel="mosaic", align_tiles=False,
                                                                     **kernel_kwargs),
+      # automatic dispatch with the Mosaic kernels' TMA copies through the tiled views (L % 8 != 0: q, k, v
+      # padded by < 8 rows, the output sliced), as before untiled_copy_views
+      "ours_padded": lambda q, k, v: block_sparse_attention(q, k, v, layout, untiled_copies=False,
+                                                            **kernel_kwargs),
       "xla_masked": lambda q, k, v: xla_attention(q, k, v, mask),
       "cudnn_masked": _cudnn(layout, masked=True),
       "cudnn_nomask": _cudnn(layout, masked=False),

@@ -305,6 +305,50 @@ def test_mosaic_gpu_forward_lowers_for_hopper(pattern, sizes, head_dim, block_k,
   assert "mosaic_gpu" in text
 
 
+@pytest.mark.parametrize("head_dim,untiled,padded", [(64, None, False), (64, False, True), (128, None, True)])
+def test_mosaic_gpu_kernels_copy_odd_lengths_without_padding_at_head_dim_64(head_dim, untiled, padded):
+  # L = 85 (not a multiple of 8): at head_dim 64 the TMA copies go through untiled views of the shared buffers, so
+  # neither kernel pads q, k, v (dO) nor slices its outputs; untiled_copies=False and head_dim 128 pad (< 8 rows).
+  layout = ScaleLayout(ODD_SIZES, "block_causal")
+  l_pad = layout.padded_length(128)
+  plan = plan_tiles(layout, pallas_mgpu.BLOCK_Q, 64, l_pad)
+  dkv_plan = plan_tiles(layout, 64, pallas_mgpu.BLOCK_Q, l_pad)
+  x = jax.ShapeDtypeStruct((2, layout.length, 2, head_dim), jnp.bfloat16)
+  lse = jax.ShapeDtypeStruct((2, 2, l_pad), jnp.float32)
+  fwd = jax.jit(lambda q, k, v: pallas_mgpu.forward(q, k, v, plan_tiles(layout, 64, 128, l_pad), scale=0.125,
+                                                    untiled_copies=untiled))
+  bwd = jax.jit(lambda q, k, v, o, lse, do: pallas_mgpu.backward(q, k, v, o, lse, do, plan, scale=0.125,
+                                                                 dkv_plan=dkv_plan, untiled_copies=untiled))
+  for text in (fwd.trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text(),
+               bwd.trace(x, x, x, x, lse, x).lower(lowering_platforms=("cuda",)).as_text()):
+    assert "mosaic_gpu" in text
+    assert (f"2x88x2x{head_dim}xbf16" in text) == padded  # q, k, v (dO) padded to 88 rows (the row statistics
+    # lse / delta are padded to l_pad in any case)
+  assert jax.eval_shape(fwd, x, x, x)[0].shape == x.shape
+  assert [g.shape for g in jax.eval_shape(bwd, x, x, x, x, lse, x)] == [x.shape] * 3
+  if head_dim != 64:
+    with pytest.raises(ValueError, match="untiled_copies needs head_dim 64"):
+      pallas_mgpu.forward(*[jnp.zeros(x.shape, x.dtype)] * 3, plan_tiles(layout, 64, 128, l_pad), scale=0.125,
+                          untiled_copies=True)
+
+
+def test_untiled_copy_views_alias_the_tiled_views_byte_for_byte():
+  # The claim untiled_copy_views rests on: at head_dim 64, the (8, 64)-tiled layout of a (rows, 64) buffer puts
+  # element (r, c) at the row-major offset 64 r + c (the swizzle then acts on equal addresses), and both views of
+  # the union start at its first byte with equal sizes.
+  from jax._src.pallas.mosaic_gpu import core as gpu_core
+  rows = 128
+  tiled = np.arange(rows * 64).reshape(rows // 8, 8, 1, 64).transpose(0, 2, 1, 3)  # (rows/8, D/64, 8, 64) tiles
+  row_major = np.arange(rows * 64).reshape(rows, 64)
+  untiled_of_tiled = tiled.transpose(0, 2, 1, 3).reshape(rows, 64)
+  np.testing.assert_array_equal(untiled_of_tiled, row_major)
+  union = pallas_mgpu.untiled_copy_views(((2, rows, 64), (3, 64, 64)), jnp.bfloat16)
+  groups = gpu_core.flatten_ref_union(union.get_ref_aval())
+  offsets = [[ref.transforms[0].offset for ref in group] for group in groups]
+  assert offsets[0] == offsets[1] and offsets[0][0] == 0
+  assert [[ref.shape for ref in group] for group in groups] == [[(2, rows, 64), (3, 64, 64)]] * 2
+
+
 @pytest.mark.parametrize("pattern", ["block_diagonal", "block_causal"])
 @pytest.mark.parametrize("sizes", [VAR_SIZES, ODD_SIZES, tuple(p * p for p in PATCH_NUMS_512)])
 @pytest.mark.parametrize("align_keys", [True, False])

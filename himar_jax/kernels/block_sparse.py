@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from himar_jax.kernels import pallas_gpu, pallas_mgpu, pallas_tpu
+from himar_jax.kernels.common import is_hopper as _is_hopper, sm_count as _sm_count
 from himar_jax.kernels.layout import ScaleLayout, extended_length, plan_attention_tiles, plan_tiles
 from himar_jax.kernels.reference import reference_attention
 
@@ -59,6 +60,7 @@ class KernelConfig:
   align_tiles: bool = True  # Triton kernels: tiles cut at scale starts (else a plain grid)
   bwd_num_stages: int = 3  # Triton backward's pipeline stages
   align_keys: bool = True  # Mosaic GPU forward: key steps from each CTA's first key (else a block_k grid)
+  untiled_copies: bool | None = None  # Mosaic GPU kernels: TMA through untiled views (None: where L % 8 != 0)
 
 
 def _default_blocks(backend: str, head_dim: int, length: int, gpu_kernel: str) -> tuple[int, int, int]:
@@ -95,23 +97,12 @@ def _log_once(reason: str, fallback: str = "the XLA reference") -> None:
     log.warning("block_sparse_attention: falling back to %s: %s", fallback, reason)
 
 
-def _is_hopper() -> bool:
-  """Compute capability 9.x on the default device (H100 / H200)."""
-  capability = getattr(jax.devices()[0], "compute_capability", None)
-  return jax.default_backend() == "gpu" and str(capability or "").split(".")[0] == "9"
-
-
 def _mosaic_programs(kernel: str, length: int, persistent: bool | None) -> int | None:
   """Persistent CTA count (the SM count) for the Mosaic GPU forward, or None for one CTA per work item."""
   if kernel != "mosaic":
     return None
   persistent = length < MOSAIC_GRID_LENGTH if persistent is None else persistent
   return _sm_count() if persistent else None
-
-
-def _sm_count() -> int:
-  """Streaming multiprocessors of the default GPU (132 on an H100 SXM when the device does not say)."""
-  return int(getattr(jax.devices()[0], "core_count", None) or 132)
 
 
 def _mosaic_unsupported_reason(q, interpret, hopper: bool) -> str | None:
@@ -205,7 +196,8 @@ def block_sparse_attention(q, k, v, layout: ScaleLayout, *, scale: float | None 
                            fast_exp: bool = True, gpu_kernel: str | None = None, stages: int = 2,
                            persistent: bool | None = None, gpu_bwd_kernel: str | None = None,
                            bwd_persistent: bool | None = None, align_tiles: bool | None = None,
-                           bwd_num_stages: int | None = None, align_keys: bool = True):
+                           bwd_num_stages: int | None = None, align_keys: bool = True,
+                           untiled_copies: bool | None = None):
   """Attention of (B, L, H, D) q, k, v under a scale layout; returns (B, L, H, D) in q's dtype.
 
   block_q/block_k: forward tile sizes; block_bwd: the backward's (query and key) tile size; num_warps/num_stages:
@@ -227,7 +219,10 @@ def block_sparse_attention(q, k, v, layout: ScaleLayout, *, scale: float | None 
   so a tile visits only its own scales' keys; False: a fixed grid of tiles (None: aligned for L <=
   ALIGN_TILES_MAX_LENGTH). bwd_num_stages: the Triton backward's stages (None: 2 with aligned tiles, where it
   measured faster, else num_stages). align_keys: the Mosaic GPU forward's key steps start at the first key its
-  CTA's rows see (pallas_mgpu.tile_table), not on a block_k grid.
+  CTA's rows see (pallas_mgpu.tile_table), not on a block_k grid. untiled_copies: the Mosaic GPU kernels' TMA
+  copies go through untiled views of their shared buffers (pallas_mgpu.untiled_copy_views), which takes lengths
+  that are not a multiple of 8 without padding (head_dim 64 only); None: where L % 8 != 0 at head_dim 64, False:
+  such lengths are padded by < 8 rows (a copy).
   """
   if not isinstance(layout, ScaleLayout):
     raise TypeError(f"layout must be a ScaleLayout (got {type(layout).__name__}); build one with "
@@ -269,7 +264,8 @@ def block_sparse_attention(q, k, v, layout: ScaleLayout, *, scale: float | None 
                      fast_exp and q.dtype == jnp.bfloat16, kernel, stages,
                      _mosaic_programs(kernel, layout.length, persistent), bwd_kernel,
                      _mosaic_bwd_programs(bwd_kernel, layout.length, bwd_persistent), align_tiles,
-                     bwd_num_stages or (ALIGNED_BWD_NUM_STAGES if align_tiles else num_stages), bool(align_keys))
+                     bwd_num_stages or (ALIGNED_BWD_NUM_STAGES if align_tiles else num_stages), bool(align_keys),
+                     untiled_copies)
   for name in ("block_q", "block_k", "block_bwd"):
     size = getattr(cfg, name)
     if size < 8 or size & (size - 1):
@@ -329,7 +325,7 @@ def _forward(q, k, v, cfg: KernelConfig, layout: ScaleLayout):
   plan = _forward_plan(cfg, layout)
   if cfg.backend == "pallas_gpu" and cfg.gpu_kernel == "mosaic":
     return pallas_mgpu.forward(q, k, v, plan, scale=cfg.scale, stages=cfg.stages, programs=cfg.programs,
-                               align_keys=cfg.align_keys)
+                               align_keys=cfg.align_keys, untiled_copies=cfg.untiled_copies)
   if cfg.backend == "pallas_gpu":
     return pallas_gpu.forward(q, k, v, plan, scale=cfg.scale, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                               interpret=bool(cfg.interpret), poison=cfg.poison, fast_exp=cfg.fast_exp)
@@ -357,7 +353,7 @@ def _attend_bwd(cfg, layout, residuals, d_out):
       # the Mosaic backward's padding rows (their q, dO and delta are zero)
       lse = jnp.pad(lse[..., :q.shape[1]], [(0, 0), (0, 0), (0, dq_plan.l_pad - q.shape[1])])
     return pallas_mgpu.backward(q, k, v, out, lse, d_out, dq_plan, scale=cfg.scale, dkv_plan=dkv_plan,
-                                stages=cfg.stages, programs=cfg.bwd_programs)
+                                stages=cfg.stages, programs=cfg.bwd_programs, untiled_copies=cfg.untiled_copies)
   if cfg.backend == "pallas_gpu":
     return tuple(pallas_gpu.backward(q, k, v, out, lse, d_out, *plan, scale=cfg.scale, num_warps=cfg.num_warps,
                                      num_stages=cfg.bwd_num_stages, interpret=bool(cfg.interpret),

@@ -1,4 +1,4 @@
-"""Pieces shared by the GPU and TPU block-sparse attention kernels."""
+"""Pieces shared by the Pallas kernels (block-sparse attention on GPU and TPU, the fused dense layer)."""
 from __future__ import annotations
 
 import jax
@@ -12,6 +12,17 @@ MASK_VALUE = -1e30
 NN = (((1,), (0,)), ((), ()))  # a @ b
 NT = (((1,), (1,)), ((), ()))  # a @ b.T
 TN = (((0,), (0,)), ((), ()))  # a.T @ b
+
+
+def is_hopper() -> bool:
+  """Compute capability 9.x on the default device (H100 / H200)."""
+  capability = getattr(jax.devices()[0], "compute_capability", None)
+  return jax.default_backend() == "gpu" and str(capability or "").split(".")[0] == "9"
+
+
+def sm_count() -> int:
+  """Streaming multiprocessors of the default GPU (132 on an H100 SXM when the device does not say)."""
+  return int(getattr(jax.devices()[0], "core_count", None) or 132)
 
 
 def dot(a, b, dims=NN):

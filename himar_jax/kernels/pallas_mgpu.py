@@ -18,8 +18,10 @@ warpgroup into
 Tiles outside the range are never loaded. Work items (a pair of 64-row tiles of one batch row and head) run
 heaviest first, either one CTA each or on persistent CTAs that loop over items (the producer then prefetches
 the next item's tiles while the consumers finish; ring slots and barrier phases continue across items). Tensors
-stay (batch, length, heads, head_dim), unpadded when L is a multiple of 8 (else padded by < 8 rows, a copy:
-Mosaic's TMA tiling needs it): TMA fills rows past L with zeros on load and drops them on store. Logits are in
+stay (batch, length, heads, head_dim), unpadded: TMA fills rows past L with zeros on load and drops them on store.
+Copies through wgmma's tiled shared-memory view need L to be a multiple of 8 (Mosaic's TMA tiling); at head_dim 64
+other lengths copy through an untiled view of the same bytes (untiled_copy_views), and at head_dim 128 they are
+padded by < 8 rows (a copy of q, k, v and a slice of the output). Logits are in
 base 2 (scaled by scale * log2(e)) and lse = m + log2(l) is stored in those units (both backwards expect that).
 The backward's exponentials are float32 (bf16 ones doubled the gradient error; bench/attention_notes.md).
 
@@ -53,6 +55,8 @@ LOG2E = math.log2(math.e)
 BLOCK_Q = 64  # rows per consumer warpgroup (one wgmma M tile); a CTA covers 2 * BLOCK_Q rows
 CONSUMERS = 2
 ROW_ALIGN = 8  # TMA tiling rows
+SWIZZLE_BYTES = 128
+UNTILED_HEAD_DIM = SWIZZLE_BYTES // 2  # untiled_copy_views: one 16-bit row per swizzle row
 TABLE_COLS = 8  # per query tile: lo, full_lo, full_hi, hi, cta_lo, cta_hi, (backward: CTA rank), (forward: kv_start)
 
 
@@ -60,7 +64,7 @@ def available() -> bool:
   return plgpu is not None
 
 
-def _load_vector(ref, layout):
+def load_vector(ref, layout):
   """plgpu.load of a whole ref (jax 0.11 deprecates the separate index argument that 0.10 requires)."""
   if inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty:
     return plgpu.load(ref, (), layout=layout)
@@ -95,6 +99,28 @@ def tile_table(plan: TilePlan, align_keys: bool = True) -> np.ndarray:
   cols = (lo, full_lo, full_hi, hi, np.repeat(cta_lo[:, None], CONSUMERS, 1), np.repeat(cta_hi[:, None], CONSUMERS, 1),
           np.zeros_like(lo), np.repeat(base, CONSUMERS, 1))
   return np.stack([c.reshape(-1) for c in cols], axis=1).astype(np.int32)
+
+
+def _wgmma_transforms():
+  """wgmma's shared-memory operand layout: (8, 64) tiles, 128-byte swizzle."""
+  return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(SWIZZLE_BYTES))
+
+
+def untiled_copy_views(shapes, dtype):
+  """Shared buffers of the given (lead, rows, 64) shapes seen two ways (one RefUnion): (wgmma views with the (8, 64)
+  tiling and the 128-byte swizzle, TMA views with the swizzle only).
+
+  Why: a TMA copy through the tiled view describes the global array in 8-row tiles, so Mosaic GPU needs its row
+  count to be a multiple of 8 (L = 9451 would cost a padding copy of q, k, v and a slice of the output). The
+  untiled view's TMA box is rows x 64 of the (B, L, H, D) array itself: rows past L are zero-filled on load and
+  dropped on store, like any out-of-bounds box. At head_dim 64 a row is one 128-byte swizzle row, so row r, column
+  c sits at byte 128 r + 2 c (before the swizzle) in both views, and the swizzle (a function of that address) is
+  the same: the two views alias byte for byte. (At head_dim 128 the tiled view interleaves the two 64-column halves
+  in 8-row tiles, and the views would differ.)
+  """
+  tiled = tuple(plgpu.SMEM(shape, dtype, transforms=_wgmma_transforms()) for shape in shapes)
+  untiled = tuple(plgpu.SMEM(shape, dtype, transforms=(plgpu.SwizzleTransform(SWIZZLE_BYTES),)) for shape in shapes)
+  return plgpu.RefUnion(tiled, untiled)
 
 
 def _range_table(lo, full_lo, full_hi, hi) -> np.ndarray:
@@ -139,23 +165,30 @@ def persistent_programs(sm_count: int, n_cta: int, n_items: int) -> int:
 
 
 def forward(q, k, v, plan: TilePlan, *, scale: float, stages: int = 2, consumer_registers: int = 232,
-            programs: int | None = None, align_keys: bool = True):
+            programs: int | None = None, align_keys: bool = True, untiled_copies: bool | None = None):
   """q, k, v (B, L, H, D) bfloat16/float16, unpadded. Returns out (B, L, H, D), lse (B, H, L_pad) float32 (base 2).
 
   programs: None launches one CTA per work item (a 128-row query tile of one batch row and head); an int (the SM
   count) launches about that many persistent CTAs (persistent_programs), each looping over items i, i + G, ...: the
   producer then streams the next item's keys while the consumers finish the previous one, hiding the per-item
   start and finish. align_keys: key steps start at each CTA's first key (tile_table), else on a block_k grid.
+  untiled_copies: TMA copies through untiled views of the shared buffers (untiled_copy_views); None: when L is not
+  a multiple of 8 and head_dim is 64, the case it serves.
   """
   if plgpu is None:
     raise RuntimeError("jax.experimental.pallas.mosaic_gpu is not available in this jax build.")
-  length = q.shape[1]
-  if length % ROW_ALIGN:
+  length, head_dim = q.shape[1], q.shape[3]
+  if untiled_copies is None:
+    untiled_copies = bool(length % ROW_ALIGN) and head_dim == UNTILED_HEAD_DIM
+  if untiled_copies and head_dim != UNTILED_HEAD_DIM:
+    raise ValueError(f"untiled_copies needs head_dim {UNTILED_HEAD_DIM} (one 128-byte swizzle row), got {head_dim}.")
+  if length % ROW_ALIGN and not untiled_copies:
     # TMA with the (8, 64) wgmma tiling needs the row count of the global array to be a multiple of 8 (Mosaic GPU
     # rejects other lengths; its round-down mode would drop the last rows). Pad by < 8 rows; costs a copy.
     pad = [(0, 0), (0, ROW_ALIGN - length % ROW_ALIGN), (0, 0), (0, 0)]
     out, lse = forward(*(jnp.pad(x, pad) for x in (q, k, v)), plan, scale=scale, stages=stages,
-                       consumer_registers=consumer_registers, programs=programs, align_keys=align_keys)
+                       consumer_registers=consumer_registers, programs=programs, align_keys=align_keys,
+                       untiled_copies=False)
     return out[:, :length], lse
   batch, length, heads, head_dim = q.shape
   dtype = q.dtype
@@ -178,7 +211,9 @@ def forward(q, k, v, plan: TilePlan, *, scale: float, stages: int = 2, consumer_
     return cta, lax.rem(bh, jnp.int32(heads)), lax.div(bh, jnp.int32(heads))
 
   def kernel(q_ref, k_ref, v_ref, rs_ref, re_ref, tab_ref, out_ref, lse_ref, smem, barriers):
-    qo_smem2, k_smem, v_smem, rows_smem2, lse_smem2 = smem
+    operands, rows_smem2, lse_smem2 = smem
+    # (wgmma views, TMA views) of the q/out, k and v buffers: one set, or two views of the same bytes.
+    (qo_smem2, k_smem, v_smem), (qo_copy2, k_copy, v_copy) = operands if untiled_copies else (operands, operands)
     (k_ready, v_ready, q_ready, rs_ready, re_ready, k_done, v_done, schedule) = barriers
     program = lax.axis_index("program")
     wg = lax.axis_index("wg")
@@ -197,7 +232,7 @@ def forward(q, k, v, plan: TilePlan, *, scale: float, stages: int = 2, consumer_
     @pl.when(wg < CONSUMERS)
     def _consumer():
       plgpu.set_max_registers(consumer_registers, action="increase")
-      qo_smem = qo_smem2.at[wg]
+      qo_smem, qo_copy = qo_smem2.at[wg], qo_copy2.at[wg]
       lse_smem = lse_smem2.at[wg]
       rows_smem = rows_smem2.at[wg]
 
@@ -206,7 +241,7 @@ def forward(q, k, v, plan: TilePlan, *, scale: float, stages: int = 2, consumer_
         _, h, b, first, cta_lo, cta_hi, kv_start = item_range(program + n * n_programs)
         tile = first + wg
         row0 = tile * block_q
-        plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, block_q), h], qo_smem, q_ready.at[wg])
+        plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, block_q), h], qo_copy, q_ready.at[wg])
         plgpu.copy_gmem_to_smem(rs_ref.at[pl.ds(row0, block_q)], rows_smem.at[0], rs_ready.at[wg])
         plgpu.copy_gmem_to_smem(re_ref.at[pl.ds(row0, block_q)], rows_smem.at[1], re_ready.at[wg])
         kv_lo, kv_full_lo = tab_ref[tile, 0], tab_ref[tile, 1]
@@ -218,8 +253,8 @@ def forward(q, k, v, plan: TilePlan, *, scale: float, stages: int = 2, consumer_
         plgpu.barrier_wait(q_ready.at[wg])
         plgpu.barrier_wait(rs_ready.at[wg])
         plgpu.barrier_wait(re_ready.at[wg])
-        rows_start = _load_vector(rows_smem.at[0], plgpu.Layout.WGMMA.reduce(1))
-        rows_end = _load_vector(rows_smem.at[1], plgpu.Layout.WGMMA.reduce(1))
+        rows_start = load_vector(rows_smem.at[0], plgpu.Layout.WGMMA.reduce(1))
+        rows_end = load_vector(rows_smem.at[1], plgpu.Layout.WGMMA.reduce(1))
 
         m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
         l_i = plgpu.layout_cast(jnp.full((block_q,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
@@ -301,7 +336,7 @@ def forward(q, k, v, plan: TilePlan, *, scale: float, stages: int = 2, consumer_
         qo_smem[...] = (acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])).astype(dtype)
         lse_smem[...] = m_i + jnp.log(l_i) * (1.0 / math.log(2.0))
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[b, pl.ds(row0, block_q), h])
+        plgpu.copy_smem_to_gmem(qo_copy, out_ref.at[b, pl.ds(row0, block_q), h])
         plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(row0, block_q)])
         plgpu.wait_smem_to_gmem(0)  # qo_smem and lse_smem are reused by the next item
         return step_base + (cta_hi - cta_lo)
@@ -324,22 +359,21 @@ def forward(q, k, v, plan: TilePlan, *, scale: float, stages: int = 2, consumer_
           @pl.when(count >= stages)  # the slot held step count - stages: wait until both consumers are done
           def _():
             plgpu.barrier_wait(k_done.at[slot])
-          plgpu.copy_gmem_to_smem(k_ref.at[b, rows, h], k_smem.at[slot], k_ready.at[slot])
+          plgpu.copy_gmem_to_smem(k_ref.at[b, rows, h], k_copy.at[slot], k_ready.at[slot])
 
           @pl.when(count >= stages)
           def _():
             plgpu.barrier_wait(v_done.at[slot])
-          plgpu.copy_gmem_to_smem(v_ref.at[b, rows, h], v_smem.at[slot], v_ready.at[slot])
+          plgpu.copy_gmem_to_smem(v_ref.at[b, rows, h], v_copy.at[slot], v_ready.at[slot])
         return step_base + (cta_hi - cta_lo)
 
       lax.fori_loop(0, my_items, run_item, jnp.int32(0))
 
   def entry(q_ref, k_ref, v_ref, rs_ref, re_ref, tab_ref, out_ref, lse_ref):
-    swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    shapes = ((CONSUMERS, block_q, head_dim), (stages, block_k, head_dim), (stages, block_k, head_dim))
     smem = (
-        plgpu.SMEM((CONSUMERS, block_q, head_dim), dtype, transforms=swizzled),
-        plgpu.SMEM((stages, block_k, head_dim), dtype, transforms=swizzled),
-        plgpu.SMEM((stages, block_k, head_dim), dtype, transforms=swizzled),
+        untiled_copy_views(shapes, dtype) if untiled_copies else
+        tuple(plgpu.SMEM(shape, dtype, transforms=_wgmma_transforms()) for shape in shapes),
         plgpu.SMEM((CONSUMERS, 2, block_q), jnp.int32),
         plgpu.SMEM((CONSUMERS, block_q), jnp.float32),
     )
@@ -400,15 +434,30 @@ def _rows_of(operand: _Operand, ref, b, h, start, size):
   return ref.at[rows]
 
 
-def _smem(operand: _Operand, lead: int, size: int):
+def _smem(operand: _Operand, lead: int, size: int, untiled_copies: bool):
   if operand.kind == "bld":
-    swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-    return plgpu.SMEM((lead, size, operand.head_dim), operand.dtype, transforms=swizzled)
+    shape = (lead, size, operand.head_dim)
+    if untiled_copies:
+      return untiled_copy_views((shape,), operand.dtype)
+    return plgpu.SMEM(shape, operand.dtype, transforms=_wgmma_transforms())
   return plgpu.SMEM((lead, size), operand.dtype)
 
 
+def _views(operands, buffers, untiled_copies: bool):
+  """_smem buffers -> (their wgmma / register views, their TMA views): the two views of untiled_copy_views, else
+  the buffer twice."""
+  pairs = []
+  for op, buffer in zip(operands, buffers):
+    if untiled_copies and op.kind == "bld":
+      (tiled,), (untiled,) = buffer  # a ref union iterates over its groups
+      pairs.append((tiled, untiled))
+    else:
+      pairs.append((buffer, buffer))
+  return tuple(zip(*pairs))
+
+
 def _streamed_call(*, row_ops, stream_ops, n_groups, table, block_s, batch, heads, stages, programs, init, step,
-                   finish, out_type, inputs, consumer_registers):
+                   finish, out_type, inputs, consumer_registers, untiled_copies):
   """One warp-specialized Mosaic GPU kernel over (64-row tile pair, head, batch) work items.
 
   Each CTA: two consumer warpgroups, one 64-row tile each (row operands loaded once per item), and a producer
@@ -418,7 +467,8 @@ def _streamed_call(*, row_ops, stream_ops, n_groups, table, block_s, batch, head
   every warpgroup, in order). Callbacks, traced in the consumer:
     init(row_smem) -> (ctx, carry); step(masked, step, ctx, row_smem, slot_smem, ready, done, carry) -> carry
     (it waits the slot's ready barriers and arrives its done barriers itself); finish(row_smem, ctx, carry) ->
-    [(smem, output index)] written back as 64-row tiles of (B, L, H, D) outputs.
+    [(row operand index, output index)]: that row operand's buffer is written back as a 64-row tile of the
+    (B, L, H, D) output. untiled_copies: 'bld' operands copied through untiled_copy_views.
   inputs: the row operands' arrays, the stream operands' arrays, then the table is appended here.
   """
   n_row = len(row_ops)
@@ -428,7 +478,9 @@ def _streamed_call(*, row_ops, stream_ops, n_groups, table, block_s, batch, head
   n_programs = n_items if programs is None else persistent_programs(programs, n_cta, n_items)
   n_in = len(inputs) + 1
 
-  def kernel(refs, row_smem, stream_smem, row_ready, stream_ready, done):
+  def kernel(refs, row_buffers, stream_buffers, row_ready, stream_ready, done):
+    row_smem, row_copy = _views(row_ops, row_buffers, untiled_copies)
+    stream_smem, stream_copy = _views(stream_ops, stream_buffers, untiled_copies)
     row_refs, stream_refs = refs[:n_row], refs[n_row:n_in - 1]
     tab_ref, out_refs = refs[n_in - 1], refs[n_in:]
     program = lax.axis_index("program")
@@ -446,12 +498,13 @@ def _streamed_call(*, row_ops, stream_ops, n_groups, table, block_s, batch, head
     def _consumer():
       plgpu.set_max_registers(consumer_registers, action="increase")
       mine = tuple(s.at[wg] for s in row_smem)
+      mine_copy = tuple(s.at[wg] for s in row_copy)
 
       def run_item(n, step_base):
         h, b, first, cta_lo, cta_hi = item_range(program + n * n_programs)
         tile = first + wg
         row0 = tile * BLOCK_Q
-        for op, ref, smem, bar in zip(row_ops, row_refs, mine, row_ready):
+        for op, ref, smem, bar in zip(row_ops, row_refs, mine_copy, row_ready):
           plgpu.copy_gmem_to_smem(_rows_of(op, ref, b, h, row0, BLOCK_Q), smem, bar.at[wg])
         lo, full_lo, full_hi, hi = (tab_ref[tile, c] for c in range(4))
         for bar in row_ready:
@@ -479,8 +532,8 @@ def _streamed_call(*, row_ops, stream_ops, n_groups, table, block_s, batch, head
         carry = _range_steps((cta_lo, lo, full_lo, full_hi, hi, cta_hi), skip_step, body, carry)
         stores = finish(mine, ctx, carry)
         plgpu.commit_smem()
-        for smem, index in stores:
-          plgpu.copy_smem_to_gmem(smem, out_refs[index].at[b, pl.ds(row0, BLOCK_Q), h])
+        for operand, index in stores:
+          plgpu.copy_smem_to_gmem(mine_copy[operand], out_refs[index].at[b, pl.ds(row0, BLOCK_Q), h])
         plgpu.wait_smem_to_gmem(0)  # the row buffers are reused by the next item
         return step_base + (cta_hi - cta_lo)
 
@@ -501,7 +554,7 @@ def _streamed_call(*, row_ops, stream_ops, n_groups, table, block_s, batch, head
             @pl.when(count >= stages)  # the slot held step count - stages: wait until both consumers are done
             def _():
               plgpu.barrier_wait(done[group].at[slot])
-            for op, ref, smem, bar in zip(stream_ops, stream_refs, stream_smem, stream_ready):
+            for op, ref, smem, bar in zip(stream_ops, stream_refs, stream_copy, stream_ready):
               if op.group == group:
                 plgpu.copy_gmem_to_smem(_rows_of(op, ref, b, h, s * block_s, block_s), smem.at[slot], bar.at[slot])
         return step_base + (cta_hi - cta_lo)
@@ -509,8 +562,8 @@ def _streamed_call(*, row_ops, stream_ops, n_groups, table, block_s, batch, head
       lax.fori_loop(0, my_items, run_item, jnp.int32(0))
 
   def entry(*refs):
-    smem = (tuple(_smem(op, CONSUMERS, BLOCK_Q) for op in row_ops),
-            tuple(_smem(op, stages, block_s) for op in stream_ops))
+    smem = (tuple(_smem(op, CONSUMERS, BLOCK_Q, untiled_copies) for op in row_ops),
+            tuple(_smem(op, stages, block_s, untiled_copies) for op in stream_ops))
     barriers = (tuple(plgpu.Barrier(num_barriers=CONSUMERS) for _ in row_ops),
                 tuple(plgpu.Barrier(num_barriers=stages) for _ in stream_ops),
                 tuple(plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages) for _ in range(n_groups)))
@@ -539,13 +592,15 @@ def _inside(rows_start, rows_end, col0, shape):
 
 
 def backward(q, k, v, out, lse, do, plan: TilePlan, *, scale: float, dkv_plan: TilePlan | None = None,
-             stages: int = 2, programs: int | None = None, consumer_registers: int = 232):
+             stages: int = 2, programs: int | None = None, consumer_registers: int = 232,
+             untiled_copies: bool | None = None):
   """Gradients (dq, dk, dv), each (B, L, H, D), of the block-sparse attention whose forward gave out and lse.
 
   lse: (B, H, l_pad) float32 in base 2 (logits scaled by scale * log2(e)), as both forwards store it.
   plan: its kv ranges drive the dq kernel (64-row query tiles, key tiles of plan.block_k streamed); dkv_plan
   (default plan): its q ranges drive the dk/dv kernel (64-row key tiles, query tiles of dkv_plan.block_q streamed).
-  Exponentials are float32 (bf16 ones doubled the gradient error: bench/attention_notes.md). programs: as forward.
+  Exponentials are float32 (bf16 ones doubled the gradient error: bench/attention_notes.md). programs,
+  untiled_copies: as forward.
   """
   if plgpu is None:
     raise RuntimeError("jax.experimental.pallas.mosaic_gpu is not available in this jax build.")
@@ -566,7 +621,12 @@ def backward(q, k, v, out, lse, do, plan: TilePlan, *, scale: float, dkv_plan: T
   if lse.shape != (batch, heads, l_pad):
     raise ValueError(f"lse shape {lse.shape} != {(batch, heads, l_pad)} (the forward must use the same l_pad).")
   delta = softmax_bwd_delta(out, do, l_pad)
-  if length % ROW_ALIGN:  # TMA tiling needs a multiple of 8 rows (as in the forward): pad by < 8, slice after
+  if untiled_copies is None:
+    untiled_copies = bool(length % ROW_ALIGN) and head_dim == UNTILED_HEAD_DIM
+  if untiled_copies and head_dim != UNTILED_HEAD_DIM:
+    raise ValueError(f"untiled_copies needs head_dim {UNTILED_HEAD_DIM} (one 128-byte swizzle row), got {head_dim}.")
+  if length % ROW_ALIGN and not untiled_copies:
+    # TMA tiling needs a multiple of 8 rows (as in the forward): pad by < 8, slice after
     pad = [(0, 0), (0, ROW_ALIGN - length % ROW_ALIGN), (0, 0), (0, 0)]
     q, k, v, do = (jnp.pad(x, pad) for x in (q, k, v, do))
   dtype = q.dtype
@@ -575,14 +635,15 @@ def backward(q, k, v, out, lse, do, plan: TilePlan, *, scale: float, dkv_plan: T
   tile = lambda op: _Operand("bld", dtype, head_dim, op)
   stat = lambda group=0: _Operand("bhl", jnp.float32, group=group)
   vector = _Operand("l", jnp.int32)
-  common = dict(batch=batch, heads=heads, stages=stages, programs=programs, consumer_registers=consumer_registers)
+  common = dict(batch=batch, heads=heads, stages=stages, programs=programs, consumer_registers=consumer_registers,
+                untiled_copies=untiled_copies)
 
   # dq: rows = 64 queries; streamed = key/value tiles of bk; group 0 releases k, group 1 v.
   bk = plan.block_k
 
   def dq_init(mine):
     _, _, lse_s, delta_s, rs_s, re_s = mine
-    ctx = tuple(_load_vector(x, reduce_rows) for x in (lse_s, delta_s, rs_s, re_s))
+    ctx = tuple(load_vector(x, reduce_rows) for x in (lse_s, delta_s, rs_s, re_s))
     return ctx, _zeros((BLOCK_Q, head_dim))
 
   def dq_step(masked, s, ctx, mine, slot_smem, ready, done, dq):
@@ -613,7 +674,7 @@ def backward(q, k, v, out, lse, do, plan: TilePlan, *, scale: float, dkv_plan: T
 
   def dq_finish(mine, ctx, dq):
     mine[0][...] = (dq * scale).astype(dtype)  # q's buffer holds dq for the store
-    return [(mine[0], 0)]
+    return [(0, 0)]
 
   dq = _streamed_call(
       row_ops=(tile(0), tile(0), stat(), stat(), vector, vector), stream_ops=(tile(0), tile(1)), n_groups=2,
@@ -626,7 +687,7 @@ def backward(q, k, v, out, lse, do, plan: TilePlan, *, scale: float, dkv_plan: T
   key_start, key_end = key_query_ranges(dkv_plan)
 
   def dkv_init(mine):
-    ctx = tuple(_load_vector(x, reduce_rows) for x in mine[2:4])
+    ctx = tuple(load_vector(x, reduce_rows) for x in mine[2:4])
     return ctx, (_zeros((BLOCK_Q, head_dim)), _zeros((BLOCK_Q, head_dim)))
 
   def dkv_step(masked, s, ctx, mine, slot_smem, ready, done, carry):
@@ -642,7 +703,7 @@ def backward(q, k, v, out, lse, do, plan: TilePlan, *, scale: float, dkv_plan: T
       plgpu.wgmma(acc_ref, k_s, plgpu.transpose_ref(q_s, (1, 0)))
       return acc_ref[...]
     logits = pl.run_scoped(transposed_logits, plgpu.ACC(shape, jnp.float32))
-    logits = logits * qk_scale - lax.broadcast_in_dim(_load_vector(lse_s, reduce_cols), shape, [1])
+    logits = logits * qk_scale - lax.broadcast_in_dim(load_vector(lse_s, reduce_cols), shape, [1])
     if masked:
       logits = jnp.where(_inside(keys_start, keys_end, s * bq, shape), logits, -jnp.inf)
     p_t = jnp.exp2(logits)
@@ -655,7 +716,7 @@ def backward(q, k, v, out, lse, do, plan: TilePlan, *, scale: float, dkv_plan: T
     dv, dp_t = pl.run_state(dv_and_dp)((plgpu.ACC.init(dv), plgpu.ACC.init(_zeros(shape))))
     plgpu.barrier_arrive(done[1])  # do no longer needed
     plgpu.barrier_wait(ready[2])
-    ds_t = p_t * (dp_t - lax.broadcast_in_dim(_load_vector(delta_s, reduce_cols), shape, [1]))
+    ds_t = p_t * (dp_t - lax.broadcast_in_dim(load_vector(delta_s, reduce_cols), shape, [1]))
 
     def accumulate(acc_ref):
       plgpu.wgmma(acc_ref, ds_t.astype(dtype), q_s)
@@ -667,7 +728,7 @@ def backward(q, k, v, out, lse, do, plan: TilePlan, *, scale: float, dkv_plan: T
     dk, dv = carry
     mine[0][...] = (dk * scale).astype(dtype)  # k's and v's buffers hold dk and dv for the store
     mine[1][...] = dv.astype(dtype)
-    return [(mine[0], 0), (mine[1], 1)]
+    return [(0, 0), (1, 1)]
 
   dk, dv = _streamed_call(
       row_ops=(tile(0), tile(0), vector, vector), stream_ops=(tile(0), stat(0), stat(0), tile(1)), n_groups=2,
