@@ -42,6 +42,8 @@ def main():
                  "device time goes (bench/trace_summary.py; kernels annotated when XLA_FLAGS has --xla_dump_to)")
   p.add_argument("--fused_norm", type=int, default=None, help="config.model.fused_norm override: 0 | 1 (1: the DiT "
                  "head's LayerNorm + modulation as one Pallas kernel, GPU only)")
+  p.add_argument("--fused_mlp", type=int, default=None, help="config.model.fused_mlp override: 0 | 1 (1: the DiT "
+                 "MLP's fc1 bias + GELU in the matmul epilogue, Hopper only)")
   p.add_argument("--out", default=None)
   args = p.parse_args()
 
@@ -49,6 +51,8 @@ def main():
   config.model.sampling_preset = args.preset
   if args.fused_norm is not None:
     config.model.fused_norm = bool(args.fused_norm)
+  if args.fused_mlp is not None:
+    config.model.fused_mlp = bool(args.fused_mlp)
   family = models.family_module(config)
   kwargs = family.sample_kwargs(config)
   if args.num_iter is not None:
@@ -84,6 +88,7 @@ def main():
       "command": "PYTHONPATH=. python " + " ".join(sys.argv),
       "device": jax.devices()[0].device_kind, "jax": jax.__version__, "variant": args.variant,
       "batch": args.batch, "sampling_preset": args.preset, "fused_norm": config.model.get("fused_norm"),
+      "fused_mlp": config.model.get("fused_mlp"),
       "sample_kwargs": {k: v for k, v in kwargs.items()},
       "dit_sampling_steps": kwargs.get("dit_sampling_steps", config.model.get("dit_sampling_steps")),
       "mlp_sampling_steps": kwargs.get("num_sampling_steps", config.model.num_sampling_steps),

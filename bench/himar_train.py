@@ -48,6 +48,8 @@ def main():
   p.add_argument("--dropout_rng", default=None, help="config.model.dropout_rng override: threefry | rbg")
   p.add_argument("--buckets", type=int, default=None, help="config.model.encoder_buckets override")
   p.add_argument("--fused_norm", type=int, default=None, help="config.model.fused_norm override: 0 | 1 (Hi-MAR)")
+  p.add_argument("--fused_mlp", type=int, default=None, help="config.model.fused_mlp override: 0 | 1 (Hi-MAR; the "
+                 "training step itself computes the unfused layer either way)")
   p.add_argument("--gradients", default="spmd", help="config.mesh.gradients: spmd | per_device (pure data "
                  "parallelism with one all-reduce; see himar_jax/train/step.py)")
   p.add_argument("--compile_only", action="store_true", help="print the compiled memory analysis and stop")
@@ -64,6 +66,8 @@ def main():
     config.model.encoder_buckets = args.buckets
   if args.fused_norm is not None:
     config.model.fused_norm = bool(args.fused_norm)
+  if args.fused_mlp is not None:
+    config.model.fused_mlp = bool(args.fused_mlp)
   if args.scan_blocks is not None:
     config.model.scan_blocks = bool(args.scan_blocks)
   if args.dropout_rng is not None:

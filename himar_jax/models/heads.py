@@ -181,9 +181,11 @@ class DiTBlock(nnx.Module):
   which reads the adaLN chunks in place (norm_implementation: its backend, 'xla' or the opt-in 'pallas_gpu')."""
 
   def __init__(self, width: int, num_heads: int, *, rngs: nnx.Rngs, mlp_ratio: float = 4.0,
-               dtype=DEFAULT_COMPUTE_DTYPE, attention: str | None = None, norm_implementation: str = "xla"):
+               dtype=DEFAULT_COMPUTE_DTYPE, attention: str | None = None, norm_implementation: str = "xla",
+               fused_mlp: bool = False):
     self.attn = SelfAttention(width, num_heads, rngs=rngs, dtype=dtype, implementation=attention)
-    self.mlp = Mlp(width, int(width * mlp_ratio), rngs=rngs, approximate_gelu=True, dtype=dtype)
+    self.mlp = Mlp(width, int(width * mlp_ratio), rngs=rngs, approximate_gelu=True, dtype=dtype,
+                   fused_gelu=fused_mlp)
     self.adaln = dense(width, 6 * width, ("embed", "mlp"), rngs=rngs, dtype=dtype, kernel_init=_zeros)
     self.compute_dtype, self.norm_implementation = dtype, norm_implementation
 
@@ -204,13 +206,14 @@ class DiTHead(nnx.Module):
   16 x 16 map of 16-channel tokens. Parameter count: the official class also registers `pos_embed` (fixed,
   recomputed here) and `c_pos_embed` (never used by its forward) as parameters, 2 x L x width numbers that are
   not nnx.Params here. norm_implementation: the blocks' and the final layer's modulated_layer_norm backend ('xla';
-  'pallas_gpu' is the opt-in kernel, slower inside this head on the H100: kernels/modulated_norm.py).
+  'pallas_gpu' is the opt-in kernel, slower inside this head on the H100: kernels/modulated_norm.py). fused_mlp:
+  the blocks' fc1 bias + GELU in the matmul's epilogue where that kernel runs (kernels/fused_dense.py; opt-in).
   """
 
   def __init__(self, in_channels: int, cond_channels: int, width: int, depth: int, num_heads: int, *,
                rngs: nnx.Rngs, grid_size: int = 16, mlp_ratio: float = 4.0, learn_sigma: bool = False,
                dtype=DEFAULT_COMPUTE_DTYPE, attention: str | None = None, remat: str = "none",
-               scan_blocks: bool = False, norm_implementation: str = "xla"):
+               scan_blocks: bool = False, norm_implementation: str = "xla", fused_mlp: bool = False):
     self.in_channels = in_channels
     self.out_channels = 2 * in_channels if learn_sigma else in_channels
     self.grid_size = grid_size
@@ -224,7 +227,8 @@ class DiTHead(nnx.Module):
                             bias_init=_torch_conv_default_init(cond_channels))
     self.t_embedder = TimestepEmbedder(width, rngs=rngs, dtype=dtype)
     self.blocks = nnx.List([DiTBlock(width, num_heads, rngs=rngs, mlp_ratio=mlp_ratio, dtype=dtype,
-                                     attention=attention, norm_implementation=norm_implementation)
+                                     attention=attention, norm_implementation=norm_implementation,
+                                     fused_mlp=fused_mlp)
                             for _ in range(depth)])
     self.final_layer = FinalLayer(width, self.out_channels, rngs=rngs, dtype=dtype,
                                   norm_implementation=norm_implementation)

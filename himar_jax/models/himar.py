@@ -550,7 +550,7 @@ class HiMAR(MAR):
                dit_heads: int, dit_mlp_ratio: float = 4.0, step_stage2_rate: float = 0.25,
                step_warmup_epochs: int = 100, steps_per_epoch: int = 1,
                phase_loss_weights: tuple[float, float] = (0.4, 0.6), dit_sampling_steps: str = "250",
-               fused_norm: bool = False, rngs: nnx.Rngs, dtype=jnp.bfloat16, **kwargs):
+               fused_norm: bool = False, fused_mlp: bool = False, rngs: nnx.Rngs, dtype=jnp.bfloat16, **kwargs):
     super().__init__(num_tokens=grid_size ** 2, token_dim=token_dim, num_phases=2, prefix_tokens=lowres_grid ** 2,
                      dtype=dtype, rngs=rngs, **kwargs)
     encoder_dim = self.z_proj.out_features
@@ -569,7 +569,7 @@ class HiMAR(MAR):
     self.dit_head = heads.DiTHead(token_dim, decoder_dim, dit_width, dit_depth, dit_heads, grid_size=grid_size,
                                   mlp_ratio=dit_mlp_ratio, learn_sigma=False, dtype=dtype, remat=self.remat,
                                   scan_blocks=self.scan_blocks, rngs=rngs,
-                                  norm_implementation="pallas_gpu" if fused_norm else "xla")
+                                  norm_implementation="pallas_gpu" if fused_norm else "xla", fused_mlp=fused_mlp)
 
   # -- inputs ------------------------------------------------------------------------------------------------------
   def _tokens(self, batch):
@@ -871,7 +871,8 @@ def himar_kwargs(m) -> dict:
               dit_depth=m.dit_depth, dit_heads=m.dit_heads, dit_mlp_ratio=m.dit_mlp_ratio,
               step_stage2_rate=m.step_stage2_rate, step_warmup_epochs=m.step_warmup_epochs,
               steps_per_epoch=m.steps_per_epoch, phase_loss_weights=tuple(m.phase_loss_weights),
-              dit_sampling_steps=m.dit_sampling_steps, fused_norm=m.get("fused_norm", False), **_backbone_kwargs(m))
+              dit_sampling_steps=m.dit_sampling_steps, fused_norm=m.get("fused_norm", False),
+              fused_mlp=m.get("fused_mlp", False), **_backbone_kwargs(m))
 
 
 # Named sampler settings over a config's own (config.model.sampling_preset). "fast" is not the published sampler:

@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from himar_jax.kernels import fused_dense
+
 DEFAULT_COMPUTE_DTYPE = jnp.bfloat16
 
 
@@ -161,16 +163,26 @@ class Mlp(nnx.Module):
   """Linear -> GELU -> Linear (timm Mlp); `approximate` picks tanh GELU (DiT) or exact erf GELU (timm/MAR)."""
 
   def __init__(self, features: int, hidden: int, *, rngs: nnx.Rngs, approximate_gelu: bool = False,
-               dropout: float = 0.0, dropout_bits: str = "random", dtype=DEFAULT_COMPUTE_DTYPE):
+               dropout: float = 0.0, dropout_bits: str = "random", dtype=DEFAULT_COMPUTE_DTYPE,
+               fused_gelu: bool = False):
     self.fc1 = dense(features, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype)
     self.fc2 = dense(hidden, features, ("mlp", "embed"), rngs=rngs, dtype=dtype)
     self.approximate_gelu = approximate_gelu
+    # fused_gelu (tanh GELU only): fc1's bias and GELU in the matmul's epilogue (kernels/fused_dense) where that
+    # kernel runs; opt-in, see bench/notes.md
+    if fused_gelu and not approximate_gelu:
+      raise ValueError("Mlp(fused_gelu=True) fuses the tanh GELU; pass approximate_gelu=True with it.")
+    self.fused_gelu = fused_gelu
     # No Rngs stored in modules: randomness comes in at call time, so models hold parameters only.
     self.drop = Dropout(dropout, bits=dropout_bits)
 
   def __call__(self, x, *, rngs: nnx.Rngs | None = None):
     """Dropout is active iff `rngs` is given (training)."""
-    h = self.fc1(x)
-    h = nnx.gelu(h, approximate=True) if self.approximate_gelu else gelu_erf(h)
+    h = None
+    if self.fused_gelu:
+      h = fused_dense.fused_or_none(x.astype(self.fc1.dtype), self.fc1.kernel[...], self.fc1.bias[...])
+    if h is None:
+      h = self.fc1(x)
+      h = nnx.gelu(h, approximate=True) if self.approximate_gelu else gelu_erf(h)
     h = self.drop(h, deterministic=rngs is None, rngs=rngs)
     return self.drop(self.fc2(h), deterministic=rngs is None, rngs=rngs)
