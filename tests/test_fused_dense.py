@@ -40,7 +40,7 @@ def test_reference_matches_float64_numpy():
 
 
 @pytest.mark.parametrize("config", [fused_dense.TileConfig(), fused_dense.TileConfig(64, 128, 64, 4),
-                                    fused_dense.TileConfig(128, 64, 64, 4, tanh=True)])
+                                    fused_dense.TileConfig(128, 64, 64, 4, tanh=False)])
 def test_kernel_lowers_for_hopper(config):
   x = jax.ShapeDtypeStruct((2, 256, 512), jnp.bfloat16)
   w = jax.ShapeDtypeStruct((512, 1024), jnp.float32)
