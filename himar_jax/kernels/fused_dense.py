@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from himar_jax.kernels.common import is_hopper, out_struct, sm_count
-from himar_jax.kernels.pallas_mgpu import load_vector
+from himar_jax.kernels.pallas_mgpu import LOG2E, load_vector
 from himar_jax.parallel.sharding import per_shard
 
 try:  # Mosaic GPU ships with jax, but keep this module importable where a jax build lacks it.
@@ -41,7 +41,6 @@ except ImportError:  # pragma: no cover
   pl = plgpu = None
 
 GELU_TANH_C = math.sqrt(2.0 / math.pi)
-LOG2E = math.log2(math.e)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,12 +78,20 @@ def reference(x, kernel, bias, out_dtype=jnp.bfloat16):
   return gelu_tanh_f32(h + bias.astype(jnp.float32)).astype(out_dtype)
 
 
-def unsupported_reason(x, kernel, config: TileConfig = TileConfig()) -> str | None:
-  """Why the kernel cannot take these operands (then callers use XLA), or None."""
+def _dtype_reason(x) -> str | None:
+  """Why no shape of x's dtype runs here (the build lacks Mosaic GPU, or the dtype), or None."""
   if plgpu is None:
     return "jax.experimental.pallas.mosaic_gpu is not importable"
   if x.dtype not in (jnp.bfloat16, jnp.float16):
     return f"dtype {x.dtype} (the kernel takes bfloat16 / float16)"
+  return None
+
+
+def unsupported_reason(x, kernel, config: TileConfig = TileConfig()) -> str | None:
+  """Why the kernel cannot take these operands (then callers use XLA), or None."""
+  reason = _dtype_reason(x)
+  if reason is not None:
+    return reason
   rows = math.prod(x.shape[:-1])
   k, n = kernel.shape
   if rows % config.tile_m or n % (2 * config.tile_n) or k % config.tile_k:
@@ -197,7 +204,7 @@ def fused_or_none(x, kernel, bias):
   caller then keeps its unfused path. Under a mesh (sharding.per_shard) the kernel runs on each device's rows; a
   shard whose shapes it does not take (unsupported_reason) computes `unfused`. Under differentiation the forward
   and its gradients are `unfused`'s."""
-  if not is_hopper() or plgpu is None or x.dtype not in (jnp.bfloat16, jnp.float16):
+  if not is_hopper() or _dtype_reason(x) is not None:
     return None
 
   def run(x):

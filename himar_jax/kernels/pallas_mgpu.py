@@ -123,6 +123,21 @@ def untiled_copy_views(shapes, dtype):
   return plgpu.RefUnion(tiled, untiled)
 
 
+def _resolve_untiled_copies(untiled_copies: bool | None, length: int, head_dim: int) -> bool:
+  """The forward's and backward's untiled_copies argument resolved: None -> where it serves (L % 8 != 0 at head_dim
+  64); True checked against head_dim."""
+  if untiled_copies is None:
+    return bool(length % ROW_ALIGN) and head_dim == UNTILED_HEAD_DIM
+  if untiled_copies and head_dim != UNTILED_HEAD_DIM:
+    raise ValueError(f"untiled_copies needs head_dim {UNTILED_HEAD_DIM} (one 128-byte swizzle row), got {head_dim}.")
+  return bool(untiled_copies)
+
+
+def _pad_rows(x, length: int):
+  """x (B, L, H, D) padded by < 8 rows to a multiple of ROW_ALIGN: what copies through the tiled views need."""
+  return jnp.pad(x, [(0, 0), (0, -length % ROW_ALIGN), (0, 0), (0, 0)])
+
+
 def _range_table(lo, full_lo, full_hi, hi) -> np.ndarray:
   """(n_tiles, TABLE_COLS) int32 per 64-row tile: its streamed-tile range [lo, hi) with the unmasked [full_lo,
   full_hi) inside, its CTA's union range, and in column 6 of row 2r the CTA of rank r, heaviest (longest union) first
@@ -177,16 +192,12 @@ def forward(q, k, v, plan: TilePlan, *, scale: float, stages: int = 2, consumer_
   """
   if plgpu is None:
     raise RuntimeError("jax.experimental.pallas.mosaic_gpu is not available in this jax build.")
-  length, head_dim = q.shape[1], q.shape[3]
-  if untiled_copies is None:
-    untiled_copies = bool(length % ROW_ALIGN) and head_dim == UNTILED_HEAD_DIM
-  if untiled_copies and head_dim != UNTILED_HEAD_DIM:
-    raise ValueError(f"untiled_copies needs head_dim {UNTILED_HEAD_DIM} (one 128-byte swizzle row), got {head_dim}.")
+  length = q.shape[1]
+  untiled_copies = _resolve_untiled_copies(untiled_copies, length, q.shape[3])
   if length % ROW_ALIGN and not untiled_copies:
     # TMA with the (8, 64) wgmma tiling needs the row count of the global array to be a multiple of 8 (Mosaic GPU
     # rejects other lengths; its round-down mode would drop the last rows). Pad by < 8 rows; costs a copy.
-    pad = [(0, 0), (0, ROW_ALIGN - length % ROW_ALIGN), (0, 0), (0, 0)]
-    out, lse = forward(*(jnp.pad(x, pad) for x in (q, k, v)), plan, scale=scale, stages=stages,
+    out, lse = forward(*(_pad_rows(x, length) for x in (q, k, v)), plan, scale=scale, stages=stages,
                        consumer_registers=consumer_registers, programs=programs, align_keys=align_keys,
                        untiled_copies=False)
     return out[:, :length], lse
@@ -621,14 +632,9 @@ def backward(q, k, v, out, lse, do, plan: TilePlan, *, scale: float, dkv_plan: T
   if lse.shape != (batch, heads, l_pad):
     raise ValueError(f"lse shape {lse.shape} != {(batch, heads, l_pad)} (the forward must use the same l_pad).")
   delta = softmax_bwd_delta(out, do, l_pad)
-  if untiled_copies is None:
-    untiled_copies = bool(length % ROW_ALIGN) and head_dim == UNTILED_HEAD_DIM
-  if untiled_copies and head_dim != UNTILED_HEAD_DIM:
-    raise ValueError(f"untiled_copies needs head_dim {UNTILED_HEAD_DIM} (one 128-byte swizzle row), got {head_dim}.")
-  if length % ROW_ALIGN and not untiled_copies:
-    # TMA tiling needs a multiple of 8 rows (as in the forward): pad by < 8, slice after
-    pad = [(0, 0), (0, ROW_ALIGN - length % ROW_ALIGN), (0, 0), (0, 0)]
-    q, k, v, do = (jnp.pad(x, pad) for x in (q, k, v, do))
+  untiled_copies = _resolve_untiled_copies(untiled_copies, length, head_dim)
+  if length % ROW_ALIGN and not untiled_copies:  # as in the forward: pad by < 8 rows, slice after
+    q, k, v, do = (_pad_rows(x, length) for x in (q, k, v, do))
   dtype = q.dtype
   qk_scale = scale * LOG2E
   reduce_rows, reduce_cols = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
