@@ -3,6 +3,8 @@
 Run on a GPU machine from the repository root:
   PYTHONPATH=. python bench/attention.py --out bench/results/attention_h100.json
 Methods: ours (automatic dispatch, what callers get), ours_mosaic (Mosaic GPU forward + Triton backward),
+ours_mgpu_fwd / ours_mgpu_fwd_unshifted (Mosaic GPU forward with its CTA rows shifted for the fewest key steps /
+from row 0, automatic backward),
 ours_triton (Triton-lowering forward and backward), ours_triton_bwd / ours_mgpu_bwd (automatic forward + Triton /
 Mosaic GPU backward), ours_padded (automatic, Mosaic copies through tiled views: odd lengths padded),
 xla_masked, cudnn_masked, cudnn_nomask. --variants adds forward-only timings of Mosaic GPU settings
@@ -68,6 +70,10 @@ def methods(layout: ScaleLayout, kernel_kwargs):
       "ours": lambda q, k, v: block_sparse_attention(q, k, v, layout, **kernel_kwargs),  # auto dispatch
       "ours_mosaic": lambda q, k, v: block_sparse_attention(q, k, v, layout, gpu_kernel="mosaic",
                                                             gpu_bwd_kernel="triton", **kernel_kwargs),
+      # Mosaic GPU forward (rows shifted for the fewest key steps, or a grid from row 0) with the auto backward
+      "ours_mgpu_fwd": lambda q, k, v: block_sparse_attention(q, k, v, layout, gpu_kernel="mosaic", **kernel_kwargs),
+      "ours_mgpu_fwd_unshifted": lambda q, k, v: block_sparse_attention(q, k, v, layout, gpu_kernel="mosaic",
+                                                                        row_shift=0, **kernel_kwargs),
       "ours_mosaic_grid": lambda q, k, v: block_sparse_attention(q, k, v, layout, gpu_kernel="mosaic",
                                                                  gpu_bwd_kernel="triton", align_keys=False,
                                                                  **kernel_kwargs),
@@ -147,7 +153,7 @@ def check_all(args, key, kernel_kwargs, on_row=lambda row: None):
         traceback.print_exc()
         errs, finite = [f"{type(e).__name__}: {str(e)[:1500]}"], False
       probe = jnp.zeros((1, layout.length, 1, head_dim), dtype)
-      ran = block_sparse._choose_gpu_kernel(probe, gpu_kernel, False)
+      ran = block_sparse._choose_gpu_kernel(probe, gpu_kernel, False, pattern)
       aligned_diagonal = pattern == "block_diagonal" and layout.length <= block_sparse.ALIGN_TILES_MAX_LENGTH
       ran_bwd = block_sparse._choose_gpu_bwd_kernel(probe, gpu_bwd_kernel, False, None, aligned_diagonal)
       row = {"size": size, "length": layout.length, "pattern": pattern, "head_dim": head_dim,

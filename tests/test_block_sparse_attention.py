@@ -390,13 +390,97 @@ def test_mosaic_forward_steps_start_at_each_ctas_first_key():
   assert aligned < 0.95 * grid
 
 
+def _emulate_mosaic_forward(q, k, v, plan, table, row_shift, block_k):
+  """float64 NumPy replay of the Mosaic GPU forward's schedule for one (L, D) head: per tile, the online softmax
+  over its key steps [lo, hi) from kv_start (row masks from the plan's ranges, as the kernel's masked steps), then
+  the store of the rows the tile owns. Unstored rows stay NaN, so a row no tile owns shows up."""
+  length = q.shape[0]
+  out = np.full((plan.l_pad, q.shape[1]), np.nan)
+  first_stored, first_rows = pallas_mgpu.head_rows(row_shift)
+  pad = lambda x: np.concatenate([x, np.zeros((plan.l_pad + block_k * 2 - length, x.shape[1]))])
+  q, k, v = pad(q), pad(k), pad(v)
+  for tile, (lo, _, _, hi, cta_lo, cta_hi, row0, kv_start) in enumerate(table):
+    assert cta_lo <= lo <= hi <= cta_hi
+    rows = np.arange(row0, row0 + 64)
+    logits = np.full((64, 0), -np.inf)
+    for step in range(lo, hi):
+      cols = kv_start + step * block_k + np.arange(block_k)
+      inside = (cols[None] >= plan.row_start[rows][:, None]) & (cols[None] < plan.row_end[rows][:, None])
+      logits = np.concatenate([logits, np.where(inside, q[rows] @ k[cols].T * 0.125, -np.inf)], axis=1)
+    result = np.full((64, q.shape[1]), np.nan)  # a tile without steps (wholly before row 0) computes nothing
+    if hi > lo:
+      keys = np.concatenate([kv_start + s * block_k + np.arange(block_k) for s in range(lo, hi)])
+      with np.errstate(invalid="ignore"):  # rows this tile does not own may see no key: NaN, never stored
+        p = np.exp(logits - logits.max(axis=1, keepdims=True))
+        result = (p / p.sum(axis=1, keepdims=True)) @ v[keys]
+    stored = 0 if tile < first_stored else first_rows if tile == first_stored else 64
+    assert np.all(np.isnan(out[row0:row0 + stored])), f"tile {tile} stores rows another tile stored"
+    out[row0:row0 + stored] = result[:stored]
+  return out[:length]
+
+
+@pytest.mark.parametrize("pattern", ["block_diagonal", "block_causal"])
+@pytest.mark.parametrize("sizes", [VAR_SIZES, ODD_SIZES, (7, 50, 2, 33, 100)])
+def test_mosaic_forward_schedule_with_row_shifts_matches_dense_attention(pattern, sizes):
+  # Every admissible shift (multiples of 8 up to the padding): the tiles' stored rows cover [0, L) once and each
+  # row's key steps hold all its keys, so the replayed schedule equals dense masked softmax attention (float64).
+  layout = ScaleLayout(sizes, pattern)
+  plan = plan_tiles(layout, 64, 128, layout.padded_length(128))
+  rng = np.random.default_rng(_seed())
+  q, k, v = (rng.standard_normal((layout.length, 16)) for _ in range(3))
+  logits = np.where(layout.dense_mask(), q @ k.T * 0.125, -np.inf)
+  p = np.exp(logits - logits.max(axis=1, keepdims=True))
+  want = (p / p.sum(axis=1, keepdims=True)) @ v
+  shifts = range(0, plan.l_pad - layout.length + 1, 8)
+  assert len(shifts) > 1
+  for shift in shifts:
+    table = pallas_mgpu.tile_table(plan, True, shift)
+    assert np.all(table[:, 6] % 8 == 0) and np.all(table[:, 6] + 64 <= plan.l_pad)
+    np.testing.assert_allclose(_emulate_mosaic_forward(q, k, v, plan, table, shift, 128), want, rtol=1e-10,
+                               atol=1e-12, err_msg=f"row_shift={shift}")
+
+
+def test_best_row_shift_ends_the_ctas_at_l_for_block_causal_var():
+  # L680 block-causal, 128-key steps: CTAs on rows 0, 128, ... run 2 + 4 + 4 + 6 + 6 + 6 = 28 steps per head; ending
+  # at row 680 (shift 88: rows -88, 40, 168, ...) they run 1 + 2 + 4 + 4 + 6 + 6 = 23. L9451 (padding 21 rows):
+  # no shift saves a step, so the grid from row 0 stays.
+  layout = ScaleLayout(VAR_SIZES, "block_causal")
+  plan = plan_tiles(layout, 64, 128, layout.padded_length(128))
+  assert pallas_mgpu.cta_steps(pallas_mgpu.tile_table(plan)) == 28
+  assert pallas_mgpu.best_row_shift(plan) == 88
+  assert pallas_mgpu.cta_steps(pallas_mgpu.tile_table(plan, True, 88)) == 23
+  assert pallas_mgpu.head_rows(88) == (1, 40)  # tile 0 lies before row 0; tile 1 stores rows [0, 40)
+  long_layout = ScaleLayout.from_patch_nums(PATCH_NUMS_1024, "block_causal")
+  assert pallas_mgpu.best_row_shift(plan_tiles(long_layout, 64, 128, long_layout.padded_length(128))) == 0
+  for bad in (4, 96):
+    with pytest.raises(ValueError, match=f"row_shift={bad} must be a multiple of 8 in \\[0, l_pad - L = 88\\]"):
+      pallas_mgpu.tile_table(plan, True, bad)
+
+
+@pytest.mark.parametrize("sizes,shift,head_dim", [(VAR_SIZES, 88, 64), (ODD_SIZES, 40, 64), (ODD_SIZES, 8, 128)])
+def test_mosaic_gpu_forward_lowers_with_row_shifts(sizes, shift, head_dim):
+  # The partial store of the first owned tile (40 rows of rows [0, 64) at L680 with shift 88; 24 at L85 with shift
+  # 40; 56 with shift 8) and the shifted q loads lower for Hopper; L85 also goes through the untiled views
+  # (head_dim 64) or the padded copy (head_dim 128).
+  layout = ScaleLayout(sizes, "block_causal")
+  plan = plan_tiles(layout, pallas_mgpu.BLOCK_Q, 128, layout.padded_length(128))
+  x = jax.ShapeDtypeStruct((2, layout.length, 2, head_dim), jnp.bfloat16)
+  fwd = jax.jit(lambda q, k, v: pallas_mgpu.forward(q, k, v, plan, scale=0.125, programs=132, row_shift=shift))
+  out, lse = jax.eval_shape(fwd, x, x, x)
+  assert out.shape == x.shape and lse.shape == (2, 2, plan.l_pad)
+  assert "mosaic_gpu" in fwd.trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text()
+
+
 def test_gpu_kernel_dispatch(monkeypatch):
   x = lambda length, dtype=jnp.bfloat16, head_dim=64: jnp.zeros((1, length, 1, head_dim), dtype)
   choose = block_sparse._choose_gpu_kernel
   monkeypatch.setattr(block_sparse, "_is_hopper", lambda: True)
   assert choose(x(9451), None, False) == "mosaic"  # long layouts: Mosaic GPU is faster (notes)
   assert choose(x(2240), None, False) == "mosaic"
-  assert choose(x(680), None, False) == "triton"  # short ones: Triton is
+  assert choose(x(680), None, False) == "triton"  # short block-diagonal ones: Triton is
+  assert choose(x(680), None, False, "block_causal") == "mosaic"  # short block-causal: Mosaic with shifted rows
+  assert choose(x(680), None, False, "full") == "mosaic"
+  assert choose(x(680), None, True, "block_causal") == "triton"  # interpret mode
   assert block_sparse._mosaic_programs("mosaic", 2240, None) == block_sparse._sm_count()  # persistent CTAs
   assert block_sparse._mosaic_programs("mosaic", 9451, None) is None  # one CTA per tile
   assert block_sparse._mosaic_programs("mosaic", 9451, True) == block_sparse._sm_count()

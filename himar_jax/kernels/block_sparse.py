@@ -61,6 +61,7 @@ class KernelConfig:
   bwd_num_stages: int = 3  # Triton backward's pipeline stages
   align_keys: bool = True  # Mosaic GPU forward: key steps from each CTA's first key (else a block_k grid)
   untiled_copies: bool | None = None  # Mosaic GPU kernels: TMA through untiled views (None: where L % 8 != 0)
+  row_shift: int | None = None  # Mosaic GPU forward: CTA rows start this far before row 0 (None: fewest steps)
 
 
 def _default_blocks(backend: str, head_dim: int, length: int, gpu_kernel: str) -> tuple[int, int, int]:
@@ -128,6 +129,10 @@ def _mosaic_unsupported_reason(q, interpret, hopper: bool) -> str | None:
 # static item order balances the long, uneven tiles worse than the hardware scheduler).
 MOSAIC_MIN_LENGTH = 1024
 MOSAIC_GRID_LENGTH = 4096
+# Session 9: with its CTA rows shifted to end at L (pallas_mgpu.best_row_shift), the Mosaic forward overtook Triton
+# at L680 block-causal (0.178 vs 0.196 ms in one run; 0.210 without the shift: 23 instead of 28 key steps per
+# head), not block-diagonal (0.129 vs 0.115). `full` is not timed: its ranges start at key 0 as block-causal ones.
+MOSAIC_SHORT_PATTERNS = ("block_causal", "full")
 
 
 # Auto dispatch of the backward on Hopper, from the H100 measurements in bench/attention_notes.md (session 3,
@@ -175,15 +180,17 @@ def _choose_gpu_bwd_kernel(q, gpu_bwd_kernel: str | None, interpret, block_bwd: 
   return "triton"
 
 
-def _choose_gpu_kernel(q, gpu_kernel: str | None, interpret) -> str:
-  """'mosaic' where it runs and is faster (auto) or asked for, else 'triton' (one logged reason when asked for)."""
+def _choose_gpu_kernel(q, gpu_kernel: str | None, interpret, pattern: str = "block_diagonal") -> str:
+  """'mosaic' where it runs and is faster (auto) or asked for, else 'triton' (one logged reason when asked for).
+  pattern: the layout's; below MOSAIC_MIN_LENGTH only block-diagonal layouts take Triton (MOSAIC_SHORT_PATTERNS)."""
   if gpu_kernel not in (None, *GPU_KERNELS):
     raise ValueError(f"gpu_kernel={gpu_kernel!r} is not one of {GPU_KERNELS} or None (auto).")
   if gpu_kernel == "triton":
     return "triton"
   reason = _mosaic_unsupported_reason(q, interpret, _is_hopper())
   if reason is None:
-    return "mosaic" if gpu_kernel == "mosaic" or q.shape[1] >= MOSAIC_MIN_LENGTH else "triton"
+    faster = q.shape[1] >= MOSAIC_MIN_LENGTH or pattern in MOSAIC_SHORT_PATTERNS
+    return "mosaic" if gpu_kernel == "mosaic" or faster else "triton"
   if gpu_kernel == "mosaic":
     _log_once(reason, fallback="the Triton-lowering kernels")
   return "triton"
@@ -197,7 +204,7 @@ def block_sparse_attention(q, k, v, layout: ScaleLayout, *, scale: float | None 
                            persistent: bool | None = None, gpu_bwd_kernel: str | None = None,
                            bwd_persistent: bool | None = None, align_tiles: bool | None = None,
                            bwd_num_stages: int | None = None, align_keys: bool = True,
-                           untiled_copies: bool | None = None):
+                           untiled_copies: bool | None = None, row_shift: int | None = None):
   """Attention of (B, L, H, D) q, k, v under a scale layout; returns (B, L, H, D) in q's dtype.
 
   block_q/block_k: forward tile sizes; block_bwd: the backward's (query and key) tile size; num_warps/num_stages:
@@ -222,7 +229,9 @@ def block_sparse_attention(q, k, v, layout: ScaleLayout, *, scale: float | None 
   CTA's rows see (pallas_mgpu.tile_table), not on a block_k grid. untiled_copies: the Mosaic GPU kernels' TMA
   copies go through untiled views of their shared buffers (pallas_mgpu.untiled_copy_views), which takes lengths
   that are not a multiple of 8 without padding (head_dim 64 only); None: where L % 8 != 0 at head_dim 64, False:
-  such lengths are padded by < 8 rows (a copy).
+  such lengths are padded by < 8 rows (a copy). row_shift: the Mosaic GPU forward's 128-row CTAs start row_shift
+  rows before row 0 (a multiple of 8, at most its padding; pallas_mgpu.tile_table); None: the shift with the
+  fewest key steps (pallas_mgpu.best_row_shift), 0 for a grid from row 0.
   """
   if not isinstance(layout, ScaleLayout):
     raise TypeError(f"layout must be a ScaleLayout (got {type(layout).__name__}); build one with "
@@ -245,7 +254,8 @@ def block_sparse_attention(q, k, v, layout: ScaleLayout, *, scale: float | None 
     _log_once(reason)
     return reference_attention(q, k, v, layout, scale=scale)
 
-  kernel = _choose_gpu_kernel(q, gpu_kernel, interpret) if implementation == "pallas_gpu" else "triton"
+  kernel = (_choose_gpu_kernel(q, gpu_kernel, interpret, layout.pattern) if implementation == "pallas_gpu"
+            else "triton")
   align_tiles = layout.length <= ALIGN_TILES_MAX_LENGTH if align_tiles is None else bool(align_tiles)
   bwd_kernel = (_choose_gpu_bwd_kernel(q, gpu_bwd_kernel, interpret, block_bwd,
                                        align_tiles and layout.pattern == "block_diagonal")
@@ -265,7 +275,7 @@ def block_sparse_attention(q, k, v, layout: ScaleLayout, *, scale: float | None 
                      _mosaic_programs(kernel, layout.length, persistent), bwd_kernel,
                      _mosaic_bwd_programs(bwd_kernel, layout.length, bwd_persistent), align_tiles,
                      bwd_num_stages or (ALIGNED_BWD_NUM_STAGES if align_tiles else num_stages), bool(align_keys),
-                     untiled_copies)
+                     untiled_copies, row_shift)
   for name in ("block_q", "block_k", "block_bwd"):
     size = getattr(cfg, name)
     if size < 8 or size & (size - 1):
@@ -321,11 +331,19 @@ def _from_tpu(x, length):
   return jnp.swapaxes(x, 1, 2)[:, :length]
 
 
+def _mosaic_row_shift(cfg: KernelConfig, layout: ScaleLayout) -> int:
+  """The Mosaic GPU forward's row shift (cfg.row_shift, or the one with the fewest key steps)."""
+  if cfg.row_shift is not None:
+    return cfg.row_shift
+  return pallas_mgpu.best_row_shift(_forward_plan(cfg, layout), cfg.align_keys)
+
+
 def _forward(q, k, v, cfg: KernelConfig, layout: ScaleLayout):
   plan = _forward_plan(cfg, layout)
   if cfg.backend == "pallas_gpu" and cfg.gpu_kernel == "mosaic":
     return pallas_mgpu.forward(q, k, v, plan, scale=cfg.scale, stages=cfg.stages, programs=cfg.programs,
-                               align_keys=cfg.align_keys, untiled_copies=cfg.untiled_copies)
+                               align_keys=cfg.align_keys, untiled_copies=cfg.untiled_copies,
+                               row_shift=_mosaic_row_shift(cfg, layout))
   if cfg.backend == "pallas_gpu":
     return pallas_gpu.forward(q, k, v, plan, scale=cfg.scale, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                               interpret=bool(cfg.interpret), poison=cfg.poison, fast_exp=cfg.fast_exp)
@@ -349,8 +367,10 @@ def _attend_bwd(cfg, layout, residuals, d_out):
   plan = _backward_plan(cfg, layout)
   if cfg.backend == "pallas_gpu" and cfg.gpu_bwd_kernel == "mosaic":
     dq_plan, dkv_plan = plan
-    if lse.shape[-1] != dq_plan.l_pad:  # the Triton forward's: rows past L unwritten, and any finite lse serves
-      # the Mosaic backward's padding rows (their q, dO and delta are zero)
+    pad_rows_unwritten = cfg.gpu_kernel == "mosaic" and _mosaic_row_shift(cfg, layout) > 0
+    if lse.shape[-1] != dq_plan.l_pad or pad_rows_unwritten:  # the Triton forward's, or the shifted Mosaic one's:
+      # rows past L unwritten, and any finite lse serves the Mosaic backward's padding rows (their q, dO and delta
+      # are zero)
       lse = jnp.pad(lse[..., :q.shape[1]], [(0, 0), (0, 0), (0, dq_plan.l_pad - q.shape[1])])
     return pallas_mgpu.backward(q, k, v, out, lse, d_out, dq_plan, scale=cfg.scale, dkv_plan=dkv_plan,
                                 stages=cfg.stages, programs=cfg.bwd_programs, untiled_copies=cfg.untiled_copies)

@@ -57,7 +57,8 @@ CONSUMERS = 2
 ROW_ALIGN = 8  # TMA tiling rows
 SWIZZLE_BYTES = 128
 UNTILED_HEAD_DIM = SWIZZLE_BYTES // 2  # untiled_copy_views: one 16-bit row per swizzle row
-TABLE_COLS = 8  # per query tile: lo, full_lo, full_hi, hi, cta_lo, cta_hi, (backward: CTA rank), (forward: kv_start)
+TABLE_COLS = 8  # per query tile: lo, full_lo, full_hi, hi, cta_lo, cta_hi, (forward: row0; backward: CTA rank),
+#                (forward: kv_start)
 
 
 def available() -> bool:
@@ -71,34 +72,79 @@ def load_vector(ref, layout):
   return plgpu.load(ref, layout=layout)
 
 
-def tile_table(plan: TilePlan, align_keys: bool = True) -> np.ndarray:
+def tile_table(plan: TilePlan, align_keys: bool = True, row_shift: int = 0) -> np.ndarray:
   """(n_query_tiles, TABLE_COLS) int32 for the forward: per 64-row tile its key steps [lo, hi) with the unmasked
-  [full_lo, full_hi) inside, its CTA's union [cta_lo, cta_hi) of steps (columns 4, 5), and in column 7 the CTA's
-  first key, kv_start. Step j covers keys kv_start + j * block_k + [0, block_k): the steps start at the first key
-  any of the CTA's rows sees (rounded down to a multiple of ROW_ALIGN, as TMA's row tiling needs), not at a
-  multiple of block_k, so a scale that does not start on a block_k boundary costs no extra step (L2240: 8 instead
-  of 9 steps of 128 keys for each tile of its last, 1024-token scale). Full steps: every row of the tile is a real
-  row that sees every key of the step. align_keys=False: kv_start = 0 (steps on a block_k grid)."""
+  [full_lo, full_hi) inside, its CTA's union [cta_lo, cta_hi) of steps (columns 4, 5), in column 6 its first row
+  and in column 7 the CTA's first key, kv_start. Step j covers keys kv_start + j * block_k + [0, block_k): the steps
+  start at the first key any of the CTA's rows sees (rounded down to a multiple of ROW_ALIGN, as TMA's row tiling
+  needs), not at a multiple of block_k, so a scale that does not start on a block_k boundary costs no extra step
+  (L2240: 8 instead of 9 steps of 128 keys for each tile of its last, 1024-token scale). Full steps: every row of
+  the tile is a real row that sees every key of the step. align_keys=False: kv_start = 0 (steps on a block_k grid).
+
+  row_shift (a multiple of ROW_ALIGN, see best_row_shift): CTA c covers the rows c * 128 - row_shift + [0, 128)
+  instead of c * 128 + [0, 128), so the CTA boundaries can fall where the key ranges change (L680 block-causal:
+  23 instead of 28 steps of 128 keys per head). Rows before 0 belong to no tile: a tile that starts before row 0
+  computes rows [0, 64) (column 6 is 0) but owns and stores only head_rows(row_shift) of them, and a tile wholly
+  before row 0 owns none (its range is empty; its CTA's other tile does the work). Ranges count owned rows only.
+  """
   if plan.block_q != BLOCK_Q or plan.l_pad % (CONSUMERS * BLOCK_Q):
     raise ValueError(f"Mosaic GPU forward needs block_q={BLOCK_Q} and l_pad a multiple of {CONSUMERS * BLOCK_Q}, "
                      f"got block_q={plan.block_q}, l_pad={plan.l_pad}.")
+  _check_row_shift(row_shift, plan)
   bk = plan.block_k
-  starts = plan.row_start.reshape(-1, CONSUMERS, BLOCK_Q).astype(np.int64)
-  ends = plan.row_end.reshape(-1, CONSUMERS, BLOCK_Q).astype(np.int64)
-  kv_start = starts.min(axis=(1, 2)) // ROW_ALIGN * ROW_ALIGN * int(align_keys)  # per CTA
+  n_tiles = plan.l_pad // BLOCK_Q
+  virtual = np.arange(n_tiles * BLOCK_Q).reshape(-1, CONSUMERS, BLOCK_Q) - row_shift  # rows before 0 are < 0
+  owned = virtual >= 0
+  index = np.maximum(virtual, 0)
+  big = np.iinfo(np.int32).max
+  starts = np.where(owned, plan.row_start[index], big).astype(np.int64)
+  ends = np.where(owned, plan.row_end[index], -1).astype(np.int64)
+  tile_owns = owned.any(axis=2)
+  kv_start = np.where(owned, starts, big).min(axis=(1, 2)) // ROW_ALIGN * ROW_ALIGN * int(align_keys)  # per CTA
   base = kv_start[:, None]
   lo = (starts.min(2) - base) // bk
   hi = -(-(ends.max(2) - base) // bk)
   full_lo = -(-(starts.max(2) - base) // bk)
   full_hi = (ends.min(2) - base) // bk
-  # Padding rows (their range lies past the last real key) never run unmasked steps.
-  real = ends.max(2) <= plan.length
+  # Padding rows (their range lies past the last real key) and tiles with a row before 0 never run unmasked steps.
+  real = (ends.max(2) <= plan.length) & owned.all(axis=2)
   none = (full_hi <= full_lo) | ~real
   full_lo, full_hi = np.where(none, hi, full_lo), np.where(none, hi, full_hi)
-  cta_lo, cta_hi = lo.min(1), hi.max(1)
+  cta_lo = np.where(tile_owns, lo, big).min(1)
+  cta_hi = np.where(tile_owns, hi, -1).max(1)
+  # A tile that owns no row runs no step of its own: an empty range at its CTA's start.
+  empty = ~tile_owns
+  lo, full_lo, full_hi, hi = (np.where(empty, cta_lo[:, None], col) for col in (lo, full_lo, full_hi, hi))
+  row0 = index[:, :, 0]
   cols = (lo, full_lo, full_hi, hi, np.repeat(cta_lo[:, None], CONSUMERS, 1), np.repeat(cta_hi[:, None], CONSUMERS, 1),
-          np.zeros_like(lo), np.repeat(base, CONSUMERS, 1))
+          row0, np.repeat(base, CONSUMERS, 1))
   return np.stack([c.reshape(-1) for c in cols], axis=1).astype(np.int32)
+
+
+def _check_row_shift(row_shift: int, plan: TilePlan) -> None:
+  """The shifted CTAs must still cover rows [0, L) inside plan.l_pad rows: 0 <= row_shift <= l_pad - L."""
+  if row_shift % ROW_ALIGN or not 0 <= row_shift <= plan.l_pad - plan.length:
+    raise ValueError(f"row_shift={row_shift} must be a multiple of {ROW_ALIGN} in [0, l_pad - L = "
+                     f"{plan.l_pad - plan.length}] (the CTAs' rows then still cover [0, L)).")
+
+
+def head_rows(row_shift: int) -> tuple[int, int]:
+  """(first tile that stores rows, rows it stores) under a row shift: tiles before it lie wholly before row 0."""
+  return row_shift // BLOCK_Q, BLOCK_Q - row_shift % BLOCK_Q
+
+
+def cta_steps(table: np.ndarray) -> int:
+  """Key steps the forward's CTAs run for one (batch row, head): the sum of their union ranges (the cost model of
+  best_row_shift)."""
+  return int(np.sum(table[::CONSUMERS, 5] - table[::CONSUMERS, 4]))
+
+
+def best_row_shift(plan: TilePlan, align_keys: bool = True) -> int:
+  """The row_shift (multiple of ROW_ALIGN in [0, l_pad - L]) whose CTAs run the fewest key steps; ties: the
+  smallest. Block-causal ranges all start at key 0 and grow at scale ends, so CTAs ending at L (row_shift =
+  l_pad - L) spend fewer rows on the long ranges of the last scale (L680: 23 vs 28 steps; L2240: 213 vs 222)."""
+  shifts = range(0, plan.l_pad - plan.length + 1, ROW_ALIGN)
+  return min(shifts, key=lambda s: (cta_steps(tile_table(plan, align_keys, s)), s))
 
 
 def _wgmma_transforms():
@@ -180,7 +226,8 @@ def persistent_programs(sm_count: int, n_cta: int, n_items: int) -> int:
 
 
 def forward(q, k, v, plan: TilePlan, *, scale: float, stages: int = 2, consumer_registers: int = 232,
-            programs: int | None = None, align_keys: bool = True, untiled_copies: bool | None = None):
+            programs: int | None = None, align_keys: bool = True, untiled_copies: bool | None = None,
+            row_shift: int | None = None):
   """q, k, v (B, L, H, D) bfloat16/float16, unpadded. Returns out (B, L, H, D), lse (B, H, L_pad) float32 (base 2).
 
   programs: None launches one CTA per work item (a 128-row query tile of one batch row and head); an int (the SM
@@ -188,7 +235,8 @@ def forward(q, k, v, plan: TilePlan, *, scale: float, stages: int = 2, consumer_
   producer then streams the next item's keys while the consumers finish the previous one, hiding the per-item
   start and finish. align_keys: key steps start at each CTA's first key (tile_table), else on a block_k grid.
   untiled_copies: TMA copies through untiled views of the shared buffers (untiled_copy_views); None: when L is not
-  a multiple of 8 and head_dim is 64, the case it serves.
+  a multiple of 8 and head_dim is 64, the case it serves. row_shift: the CTAs' rows start row_shift rows before
+  row 0 (tile_table); None: best_row_shift. Rows of lse past L are not written when row_shift > 0.
   """
   if plgpu is None:
     raise RuntimeError("jax.experimental.pallas.mosaic_gpu is not available in this jax build.")
@@ -199,7 +247,7 @@ def forward(q, k, v, plan: TilePlan, *, scale: float, stages: int = 2, consumer_
     # rejects other lengths; its round-down mode would drop the last rows). Pad by < 8 rows; costs a copy.
     out, lse = forward(*(_pad_rows(x, length) for x in (q, k, v)), plan, scale=scale, stages=stages,
                        consumer_registers=consumer_registers, programs=programs, align_keys=align_keys,
-                       untiled_copies=False)
+                       untiled_copies=False, row_shift=row_shift)
     return out[:, :length], lse
   batch, length, heads, head_dim = q.shape
   dtype = q.dtype
@@ -211,7 +259,9 @@ def forward(q, k, v, plan: TilePlan, *, scale: float, stages: int = 2, consumer_
   n_cta = l_pad // (CONSUMERS * block_q)
   n_items = n_cta * heads * batch
   n_programs = n_items if programs is None else persistent_programs(programs, n_cta, n_items)
-  table = jnp.asarray(tile_table(plan, align_keys))
+  row_shift = best_row_shift(plan, align_keys) if row_shift is None else int(row_shift)
+  table = jnp.asarray(tile_table(plan, align_keys, row_shift))
+  first_stored_tile, first_stored_rows = head_rows(row_shift)
   row_start, row_end = jnp.asarray(plan.row_start), jnp.asarray(plan.row_end)
   qk_scale = scale * LOG2E
 
@@ -251,7 +301,7 @@ def forward(q, k, v, plan: TilePlan, *, scale: float, stages: int = 2, consumer_
         # step_base: key/value steps this program consumed before (the ring slot of a step continues across items).
         _, h, b, first, cta_lo, cta_hi, kv_start = item_range(program + n * n_programs)
         tile = first + wg
-        row0 = tile * block_q
+        row0 = pl.multiple_of(tab_ref[tile, 6], ROW_ALIGN)  # TMA's row tiling needs the hint (tile_table)
         plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, block_q), h], qo_copy, q_ready.at[wg])
         plgpu.copy_gmem_to_smem(rs_ref.at[pl.ds(row0, block_q)], rows_smem.at[0], rs_ready.at[wg])
         plgpu.copy_gmem_to_smem(re_ref.at[pl.ds(row0, block_q)], rows_smem.at[1], re_ready.at[wg])
@@ -347,8 +397,16 @@ def forward(q, k, v, plan: TilePlan, *, scale: float, stages: int = 2, consumer_
         qo_smem[...] = (acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])).astype(dtype)
         lse_smem[...] = m_i + jnp.log(l_i) * (1.0 / math.log(2.0))
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(qo_copy, out_ref.at[b, pl.ds(row0, block_q), h])
-        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(row0, block_q)])
+
+        def store(rows):  # the first `rows` rows of the tile (a static count)
+          plgpu.copy_smem_to_gmem(qo_copy.at[pl.ds(0, rows)], out_ref.at[b, pl.ds(row0, rows), h])
+          plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, rows)], lse_ref.at[b, h, pl.ds(row0, rows)])
+
+        if row_shift == 0:
+          store(block_q)
+        else:  # tiles before first_stored_tile own no row; that one owns its first first_stored_rows rows
+          pl.when(tile > first_stored_tile)(lambda: store(block_q))
+          pl.when(tile == first_stored_tile)(lambda: store(first_stored_rows))
         plgpu.wait_smem_to_gmem(0)  # qo_smem and lse_smem are reused by the next item
         return step_base + (cta_hi - cta_lo)
 
