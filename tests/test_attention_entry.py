@@ -55,3 +55,32 @@ def test_self_attention_projects_q_k_v_separately_as_the_fused_qkv(dtype):
   jaxpr = jax.make_jaxpr(lambda x: attn(x))(x)
   widths = [eqn.outvars[0].aval.shape[-1] for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name == "dot_general"]
   assert 3 * 64 not in widths and widths[:3] == [64, 64, 64]  # q, k, v first (then the scores, PV, proj)
+
+
+def test_self_attention_with_k_and_v_biases_folded_equals_the_plain_layer():
+  """k's bias dropped (softmax ignores a per-row constant) and v's folded into the output projection's bias give
+  the plain timm computation: softmax((x Wq + bq)(x Wk + bk)^T / sqrt(d)) (x Wv + bv) Wp + bp, float64 NumPy, with
+  random nonzero biases and a key mask."""
+  from flax import nnx
+
+  from himar_jax.nn.transformer import SelfAttention
+
+  width, heads, length = 64, 4, 10
+  attn = SelfAttention(width, heads, rngs=nnx.Rngs(0), dtype=jnp.float32, implementation="xla")
+  keys = jax.random.split(jax.random.key(2), 4)
+  attn.qkv.bias[...] = jax.random.normal(keys[0], (3 * width,))
+  attn.proj.bias[...] = jax.random.normal(keys[1], (width,))
+  x = jax.random.normal(keys[2], (2, length, width))
+  key_mask = jnp.arange(length)[None, :] < jnp.array([[length], [6]])
+  got = np.asarray(attn(x, key_mask=key_mask), np.float64)
+
+  f64 = lambda a: np.asarray(a, np.float64)
+  qkv = f64(x) @ f64(attn.qkv.kernel[...]) + f64(attn.qkv.bias[...])
+  q, k, v = (qkv[..., i * width:(i + 1) * width].reshape(2, length, heads, -1) for i in range(3))
+  logits = np.einsum("blhd,bmhd->bhlm", q, k) / np.sqrt(width // heads)
+  logits = np.where(np.asarray(key_mask)[:, None, None, :], logits, -np.inf)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  out = np.einsum("bhlm,bmhd->blhd", p / p.sum(-1, keepdims=True), v).reshape(2, length, width)
+  want = out @ f64(attn.proj.kernel[...]) + f64(attn.proj.bias[...])
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+  assert np.abs(f64(attn.qkv.bias[...])[width:]).min() > 0  # the folded biases are really there

@@ -18,6 +18,7 @@ from flax import nnx
 from himar_jax.convert.heads import convert_head_state_dict, head_param_path, load_head_state_dict
 from himar_jax.diffusion import create_diffusion
 from himar_jax.models import heads as H
+from himar_jax.nn import layers
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "heads")
 
@@ -334,3 +335,60 @@ def test_samplers_embed_the_condition_once_outside_the_diffusion_loop(kind):
   embeds = [d for d, shape in dots if shape[0] == 8]
   assert embeds == [0], dots
   assert any(d >= 1 for d, _ in dots)  # the denoiser itself runs inside the loop
+
+
+def _converts_by_loop_depth(jaxpr, depth=0, out=None):
+  """[(loop nesting depth, input shape, input dtype, output dtype)] of every convert_element_type (as
+  _dots_by_loop_depth)."""
+  out = [] if out is None else out
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "convert_element_type":
+      aval = eqn.invars[0].aval
+      out.append((depth, tuple(aval.shape), aval.dtype, eqn.params["new_dtype"]))
+    inner = depth + (eqn.primitive.name in ("while", "scan"))
+    for v in eqn.params.values():
+      for j in (v if isinstance(v, (tuple, list)) else (v,)):
+        if hasattr(j, "jaxpr") and hasattr(j.jaxpr, "eqns"):
+          _converts_by_loop_depth(j.jaxpr, inner, out)
+        elif hasattr(j, "eqns"):
+          _converts_by_loop_depth(j, inner, out)
+  return out
+
+
+@pytest.mark.parametrize("kind", ["mlp", "dit"])
+def test_samplers_cast_the_kernels_once_outside_the_diffusion_loop(kind):
+  """Every Linear kernel is cast to bfloat16 before the loop (with_compute_dtype_kernels), none inside it (XLA
+  left those casts in the while body: bench/notes.md v8), and the samples are bitwise those of the plain head."""
+  if kind == "mlp":
+    head = H.MlpHead(4, 8, 16, 1, rngs=nnx.Rngs(0))
+    run = lambda head, z: H.mlp_head_sample(head, create_diffusion("5"), z, cfg_scale=2.0, key=jax.random.key(0))
+    z = jax.random.normal(jax.random.key(1), (6, 8))  # 3 rows x 2 CFG halves: no activation is kernel-shaped
+  else:
+    head = H.DiTHead(4, 8, 32, 1, 2, grid_size=4, rngs=nnx.Rngs(0))
+    run = lambda head, z: H.dit_head_sample(head, create_diffusion("5", learn_sigma=False), z, cfg_scale=2.0,
+                                            known=jnp.zeros((1, 16, 4)), predict_mask=jnp.ones((1, 16), bool),
+                                            key=jax.random.key(0))
+    z = jax.random.normal(jax.random.key(1), (2, 16, 8))
+  kernels = {tuple(layer.kernel.get_value().shape) for _, layer in nnx.iter_modules(head)
+             if isinstance(layer, nnx.Linear)}
+  converts = [(d, shape) for d, shape, src, dst in _converts_by_loop_depth(jax.make_jaxpr(lambda z: run(head, z))(z).jaxpr)
+              if shape in kernels and src == jnp.float32 and dst == jnp.bfloat16]
+  assert converts and all(d == 0 for d, _ in converts), converts
+  copy = layers.with_compute_dtype_kernels(head)
+  assert all(layer.kernel.get_value().dtype == jnp.bfloat16 for _, layer in nnx.iter_modules(copy)
+             if isinstance(layer, nnx.Linear))
+  assert all(layer.kernel.get_value().dtype == jnp.float32 for _, layer in nnx.iter_modules(head)
+             if isinstance(layer, nnx.Linear))  # the original is untouched
+  # The casts are the ones each layer does at every call: the copy's outputs equal the head's bit for bit (every
+  # kernel random, so the zero-initialised layers do not hide a difference).
+  for i, (_, layer) in enumerate(nnx.iter_modules(head)):
+    if isinstance(layer, nnx.Linear):
+      layer.kernel.set_value(0.3 * jax.random.normal(jax.random.key(i), layer.kernel.get_value().shape))
+  copy = layers.with_compute_dtype_kernels(head)
+  if kind == "mlp":
+    args = (jax.random.normal(jax.random.key(7), (6, 4)), jnp.arange(6), z)
+  else:
+    args = (jax.random.normal(jax.random.key(7), (2, 16, 4)), jnp.arange(2), z)
+  want = np.asarray(jax.jit(lambda *a: head(*a))(*args))
+  assert np.abs(want).max() > 1e-3
+  np.testing.assert_array_equal(np.asarray(jax.jit(lambda *a: copy(*a))(*args)), want)

@@ -27,7 +27,7 @@ from flax import nnx
 
 from himar_jax.diffusion import GaussianDiffusion
 from himar_jax.kernels.modulated_norm import modulated_layer_norm
-from himar_jax.nn.layers import DEFAULT_COMPUTE_DTYPE, Mlp, dense, layer_norm
+from himar_jax.nn.layers import DEFAULT_COMPUTE_DTYPE, Mlp, dense, layer_norm, with_compute_dtype_kernels
 from himar_jax.nn.transformer import SelfAttention, check_remat, run_blocks
 from himar_jax.parallel.sharding import constrain
 
@@ -352,6 +352,7 @@ def mlp_head_sample(head: MlpHead, diffusion: GaussianDiffusion, z, *, cfg_scale
   if cfg_scale is not None and z.shape[0] % 2:
     raise ValueError(f"with cfg_scale, z must stack conditional and unconditional rows (even count); got {z.shape}.")
   c = head.in_channels
+  head = with_compute_dtype_kernels(head)  # weight casts once, not at every diffusion step
   z_emb = head.embed_condition(z)  # hoisted out of the diffusion loop
   model_fn = ((lambda x, t: head.denoise(x, t, z_emb)) if cfg_scale is None
               else _guided(head.denoise, z_emb, cfg_scale, c))
@@ -374,7 +375,8 @@ def dit_head_sample(head: DiTHead, diffusion: GaussianDiffusion, z, *, known, pr
   if known.shape != shape or predict_mask.shape != shape[:2]:
     raise ValueError(f"known must be {shape} and predict_mask {shape[:2]} for z {z.shape}; got "
                      f"{known.shape} and {predict_mask.shape}.")
-  # The condition embedding is hoisted out of the diffusion loop (one c_embedder matmul per map, not per step).
+  # The weight casts and the condition embedding are hoisted out of the diffusion loop (once per map, not per step).
+  head = with_compute_dtype_kernels(head)
   z_emb = head.embed_condition(z)
   model_fn = ((lambda x, t: head.denoise(x, t, z_emb)) if cfg_scale is None
               else _guided(head.denoise, z_emb, cfg_scale, head.in_channels))

@@ -26,6 +26,20 @@ def dense(in_features: int, out_features: int, axes: Sequence[str | None], *, rn
                     rngs=rngs)
 
 
+def with_compute_dtype_kernels(module: nnx.Module) -> nnx.Module:
+  """A copy of `module` (same arrays, new module objects) whose nnx.Linear kernels are held in their layer's
+  compute dtype: what every call casts them to, so the layers compute exactly what they did. For sampling loops:
+  XLA does not hoist the casts of loop-invariant weights out of a while loop, so each diffusion step re-converted
+  every kernel (bench/notes.md v8); cast once before the loop instead. Biases and norm parameters keep their
+  dtype (the fused epilogues add biases in float32)."""
+  graphdef, state = nnx.split(module)
+  copy = nnx.merge(graphdef, state, copy=True)  # new Variables: mutable at the current trace level
+  for _, layer in nnx.iter_modules(copy):
+    if isinstance(layer, nnx.Linear) and layer.dtype is not None:
+      layer.kernel.set_value(layer.kernel.get_value().astype(layer.dtype))
+  return copy
+
+
 def layer_norm(features: int, *, rngs: nnx.Rngs, epsilon: float = 1e-6, affine: bool = True) -> nnx.LayerNorm:
   """LayerNorm computed in float32 (PyTorch eps convention: added to the variance)."""
   return nnx.LayerNorm(features, epsilon=epsilon, use_bias=affine, use_scale=affine, dtype=jnp.float32,

@@ -126,7 +126,14 @@ def scan_stack(graphdef, stacked, x, per_block, call, policy: str, *operands):
 
 
 class SelfAttention(nnx.Module):
-  """Multi-head self-attention with a fused qkv projection laid out (3, heads, head_dim) as timm's."""
+  """Multi-head self-attention with a fused qkv projection laid out (3, heads, head_dim) as timm's.
+
+  The key and value biases are applied where they cost nothing, exactly in real arithmetic (rounding aside):
+  k's bias adds q . b_k to every logit of a query row, which softmax ignores, so k is projected without it; v's
+  bias adds b_v to every output row (the probabilities sum to 1), which the output projection maps to
+  b_v @ W_proj, folded into its bias. This saves two elementwise passes per layer (the bias adds of k and v, which
+  XLA cannot fuse into the attention kernel's operands; bench/notes.md v8). Holds as long as no attention
+  probabilities are dropped (they are not: see __call__)."""
 
   def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, qkv_bias: bool = True, dropout: float = 0.0,
                dropout_bits: str = "random", dtype=DEFAULT_COMPUTE_DTYPE, implementation: str | None = None):
@@ -138,13 +145,13 @@ class SelfAttention(nnx.Module):
     self.drop = Dropout(dropout, bits=dropout_bits)
     self.implementation = implementation
 
-  def _project(self, x, index: int):
+  def _project(self, x, index: int, use_bias: bool = True):
     """q, k or v (index 0, 1, 2): x times its third of the fused qkv kernel, as self.qkv(x) computes it. Three
     matmuls write q, k and v as separate arrays; slicing one fused output into them cost a copy of all three per
     layer (on the H100 ~0.14 ms per DiT-B block at sampling batch 256, 6% of a Hi-MAR-B sampling run)."""
     d = x.shape[-1]
     kernel = self.qkv.kernel[...][:, index * d:(index + 1) * d]
-    bias = None if self.qkv.bias is None else self.qkv.bias[...][index * d:(index + 1) * d]
+    bias = None if self.qkv.bias is None or not use_bias else self.qkv.bias[...][index * d:(index + 1) * d]
     linear = self.qkv
     x, kernel, bias = linear.promote_dtype((x, kernel, bias), dtype=linear.dtype)
     y = linear.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=linear.precision)
@@ -153,12 +160,27 @@ class SelfAttention(nnx.Module):
   def __call__(self, x, *, key_mask=None, rngs: nnx.Rngs | None = None):
     """x (B, L, D); key_mask (B, L) True where a token may be attended to."""
     b, l, d = x.shape
-    q, k, v = (self._project(x, i).reshape(b, l, self.num_heads, d // self.num_heads) for i in range(3))
+    q, k, v = (self._project(x, i, use_bias=i == 0).reshape(b, l, self.num_heads, d // self.num_heads)
+               for i in range(3))  # k and v without their biases: see the class docstring
     mask = None if key_mask is None else key_mask[:, None, None, :]
     # timm also drops attention probabilities (MAR: attn_drop 0.1 in training); the fused attention paths have no
     # probability dropout, so only the projection output is dropped here (inference and parity are unaffected).
     out = dot_product_attention(q, k, v, mask, implementation=self.implementation).reshape(b, l, d)
-    return self.drop(self.proj(out), deterministic=rngs is None, rngs=rngs)
+    return self.drop(self._project_out(out), deterministic=rngs is None, rngs=rngs)
+
+  def _project_out(self, out):
+    """self.proj(out + b_v): the output projection with v's bias folded into its bias (float32, rounded once)."""
+    if self.qkv.bias is None:
+      return self.proj(out)
+    d = out.shape[-1]
+    proj = self.proj
+    kernel = proj.kernel[...]
+    v_bias = self.qkv.bias[...][2 * d:].astype(jnp.float32)
+    bias = proj.bias[...].astype(jnp.float32) + jnp.dot(v_bias, kernel.astype(jnp.float32),
+                                                        precision=jax.lax.Precision.HIGHEST)
+    out, kernel, bias = proj.promote_dtype((out, kernel, bias), dtype=proj.dtype)
+    y = proj.dot_general(out, kernel, (((out.ndim - 1,), (0,)), ((), ())), precision=proj.precision)
+    return y + bias
 
 
 class Block(nnx.Module):
