@@ -301,20 +301,23 @@ def test_converter_rejects_mismatched_head():
     convert_head_state_dict("dit", sd, prefix="sd/")
 
 
-def _dots_by_loop_depth(jaxpr, depth=0, out=None):
-  """[(loop nesting depth, rhs shape)] of every dot_general in a jaxpr and its sub-jaxprs (loops: while, scan)."""
-  out = [] if out is None else out
+def _eqns_by_loop_depth(jaxpr, depth=0):
+  """(loop nesting depth, eqn) for every equation of a jaxpr and its sub-jaxprs (loops: while, scan)."""
   for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
-      out.append((depth, tuple(eqn.invars[1].aval.shape)))
+    yield depth, eqn
     inner = depth + (eqn.primitive.name in ("while", "scan"))
     for v in eqn.params.values():
       for j in (v if isinstance(v, (tuple, list)) else (v,)):
         if hasattr(j, "jaxpr") and hasattr(j.jaxpr, "eqns"):
-          _dots_by_loop_depth(j.jaxpr, inner, out)
+          yield from _eqns_by_loop_depth(j.jaxpr, inner)
         elif hasattr(j, "eqns"):
-          _dots_by_loop_depth(j, inner, out)
-  return out
+          yield from _eqns_by_loop_depth(j, inner)
+
+
+def _dots_by_loop_depth(jaxpr):
+  """[(loop nesting depth, rhs shape)] of every dot_general."""
+  return [(d, tuple(e.invars[1].aval.shape)) for d, e in _eqns_by_loop_depth(jaxpr)
+          if e.primitive.name == "dot_general"]
 
 
 @pytest.mark.parametrize("kind", ["mlp", "dit"])
@@ -337,22 +340,10 @@ def test_samplers_embed_the_condition_once_outside_the_diffusion_loop(kind):
   assert any(d >= 1 for d, _ in dots)  # the denoiser itself runs inside the loop
 
 
-def _converts_by_loop_depth(jaxpr, depth=0, out=None):
-  """[(loop nesting depth, input shape, input dtype, output dtype)] of every convert_element_type (as
-  _dots_by_loop_depth)."""
-  out = [] if out is None else out
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "convert_element_type":
-      aval = eqn.invars[0].aval
-      out.append((depth, tuple(aval.shape), aval.dtype, eqn.params["new_dtype"]))
-    inner = depth + (eqn.primitive.name in ("while", "scan"))
-    for v in eqn.params.values():
-      for j in (v if isinstance(v, (tuple, list)) else (v,)):
-        if hasattr(j, "jaxpr") and hasattr(j.jaxpr, "eqns"):
-          _converts_by_loop_depth(j.jaxpr, inner, out)
-        elif hasattr(j, "eqns"):
-          _converts_by_loop_depth(j, inner, out)
-  return out
+def _converts_by_loop_depth(jaxpr):
+  """[(loop nesting depth, input shape, input dtype, output dtype)] of every convert_element_type."""
+  return [(d, tuple(e.invars[0].aval.shape), e.invars[0].aval.dtype, e.params["new_dtype"])
+          for d, e in _eqns_by_loop_depth(jaxpr) if e.primitive.name == "convert_element_type"]
 
 
 @pytest.mark.parametrize("kind", ["mlp", "dit"])
