@@ -84,9 +84,9 @@ def _model(family: str, size: str) -> ml_collections.ConfigDict:
     # True: the DiT head's LayerNorm + adaLN modulation (+ the attention's gated residual) as one Pallas kernel
     # (GPU only; kernels/modulated_norm.py). Off: inside the head it measured slower than XLA's fusions (H100).
     m.fused_norm = False
-    # True: the DiT blocks' fc1 bias + tanh GELU in the matmul's epilogue (Hopper only, inference; training
-    # computes the unfused layer; kernels/fused_dense.py). Sampling 0.1105 vs 0.1169 s/image on the H100; opt-in
-    # because its per-shard wrapper under a multi-device mesh is not measured yet (bench/notes.md v7).
+    # True: every MLP's fc1 bias + GELU (the DiT blocks' tanh form, the backbone's exact form) in the matmul's
+    # epilogue (Hopper only, inference; training computes the unfused layer; kernels/fused_dense.py). Opt-in
+    # because its per-shard wrapper under a multi-device mesh is not measured yet (bench/notes.md v7, v8).
     m.fused_mlp = False
     # published | fast (DDIM with 25 DiT-head steps over the fields above: models/himar.py SAMPLING_PRESETS; not
     # the paper's sampler)

@@ -318,3 +318,19 @@ def test_rbg_and_hash_dropout_are_functions_of_the_step_key():
   c.model.dropout_rng = "philox"
   with pytest.raises(ValueError, match="dropout_rng='philox'"):
     models.model_fn(c)(nnx.Rngs(0))
+
+
+def test_fused_mlp_reaches_every_mlp():
+  """config.model.fused_mlp turns on the fc1 + GELU epilogue in the DiT head's MLPs (tanh form) and in the backbone
+  blocks' (exact form); off, none has it."""
+  from himar_jax.nn.layers import Mlp
+
+  for flag in (True, False):
+    c = get_config("himar_tiny")
+    c.model.fused_mlp = flag
+    model = models.model_fn(c)(nnx.Rngs(0))
+    mlps = [m for _, m in nnx.iter_modules(model) if isinstance(m, Mlp)]
+    forms = {m.approximate_gelu for m in mlps}
+    assert forms == {True, False} and len(mlps) == (c.model.encoder_depth + c.model.decoder_depth
+                                                    + c.model.dit_depth)
+    assert all(m.fused_gelu == flag for m in mlps)

@@ -1,17 +1,19 @@
-"""dense_gelu_tanh: tanh-GELU(x @ kernel + bias) with the bias and the GELU in the matmul's epilogue (Hopper).
+"""dense_gelu: GELU(x @ kernel + bias) with the bias and the GELU in the matmul's epilogue (Hopper).
 
-Why: in the DiT head's MLP, XLA runs fc1 as a cuBLAS matmul that writes its bfloat16 output, then a separate
-elementwise kernel reads it back for the bias add and the tanh GELU and writes the activation again: ~0.22 ms per
-block at sampling batch 256 on the H100 (bench/notes.md, sampling profile v2), at the memory floor. Here the
-accumulator gets the bias and the GELU in registers and is written once.
+Why: in the MLPs, XLA runs fc1 as a cuBLAS matmul that writes its bfloat16 output, then a separate elementwise
+kernel reads it back for the bias add and the GELU and writes the activation again: ~0.22 ms per DiT block at
+sampling batch 256 (tanh GELU) and ~0.62 ms per Hi-MAR-B decoder block (exact GELU) on the H100 (bench/notes.md,
+sampling profiles v2 and v8), at the memory floor. Here the accumulator gets the bias and the GELU in registers
+and is written once. Both forms: the tanh approximation (DiT) and the exact x Phi(x) with the closed-form erf of
+nn/activations (timm's default, the backbone's).
 
 The kernel is a Pallas Mosaic GPU matmul: one CTA per SM loops over (tile_m x 2 tile_n) output tiles, a producer
 warpgroup streams (tile_m x tile_k) tiles of x and (tile_k x 2 tile_n) tiles of the kernel by TMA through a ring of
 `stages` slots (plgpu.emit_pipeline_warp_specialized), two consumer warpgroups accumulate tile_m x tile_n each with
 wgmma; the structure follows JAX's Hopper matmul example (jax/experimental/pallas/ops/gpu/hopper_matmul_mgpu.py,
 Copyright 2025 The JAX Authors, Apache License 2.0). What is ours: the epilogue (bias row from shared memory,
-the tanh-form GELU 0.5 h (1 + tanh u), u = sqrt(2/pi) (h + 0.044715 h^3), with tanh.approx under approx_math, one
-rounding to the output dtype) and the dispatch.
+the tanh-form GELU 0.5 h (1 + tanh u), u = sqrt(2/pi) (h + 0.044715 h^3), with tanh.approx under approx_math, or
+the exact form h Phi(h), one rounding to the output dtype) and the dispatch.
 
 Numerics differ from the unfused path by rounding only: it rounds the matmul output and the biased value to
 bfloat16 before the GELU; this computes the GELU on the float32 accumulator plus the float32 bias and rounds once.
@@ -32,6 +34,7 @@ from jax import lax
 
 from himar_jax.kernels.common import is_hopper, out_struct, sm_count
 from himar_jax.kernels.pallas_mgpu import LOG2E, load_vector
+from himar_jax.nn.activations import gelu_erf, normal_cdf_f32
 from himar_jax.parallel.sharding import per_shard
 
 try:  # Mosaic GPU ships with jax, but keep this module importable where a jax build lacks it.
@@ -64,18 +67,23 @@ def gelu_tanh_f32(h, use_tanh: bool = False):
   return h / (1.0 + jnp.exp2(u * (-2.0 * LOG2E)))
 
 
-def unfused(x, kernel, bias):
-  """The unfused layer as nnx.Linear(dtype=x.dtype) + nnx.gelu(approximate=True) compute it: the matmul output and
-  the bias add rounded to x's dtype, then the GELU."""
+def _gelu_f32(h, approximate: bool, use_tanh: bool = False):
+  """The epilogue's GELU of float32 h: tanh form (gelu_tanh_f32) or exact, h Phi(h)."""
+  return gelu_tanh_f32(h, use_tanh) if approximate else h * normal_cdf_f32(h)
+
+
+def unfused(x, kernel, bias, approximate: bool = True):
+  """The unfused layer as nnx.Linear(dtype=x.dtype) + the Mlp's GELU compute it: the matmul output and the bias add
+  rounded to x's dtype, then nnx.gelu(approximate=True) or nn/activations.gelu_erf."""
   h = jnp.dot(x, kernel.astype(x.dtype)) + bias.astype(x.dtype)
-  return jax.nn.gelu(h, approximate=True)
+  return jax.nn.gelu(h, approximate=True) if approximate else gelu_erf(h)
 
 
-def reference(x, kernel, bias, out_dtype=jnp.bfloat16):
+def reference(x, kernel, bias, out_dtype=jnp.bfloat16, approximate: bool = True):
   """What the kernel computes, in XLA: float32 accumulation of the (compute-dtype) operands, float32 bias, GELU,
   one rounding."""
   h = jnp.einsum("...k,kn->...n", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
-  return gelu_tanh_f32(h + bias.astype(jnp.float32)).astype(out_dtype)
+  return _gelu_f32(h + bias.astype(jnp.float32), approximate).astype(out_dtype)
 
 
 def _dtype_reason(x) -> str | None:
@@ -100,12 +108,14 @@ def unsupported_reason(x, kernel, config: TileConfig = TileConfig()) -> str | No
   return None
 
 
-def dense_gelu_tanh(x, kernel, bias, *, config: TileConfig = TileConfig(), programs: int | None = None):
-  """gelu_tanh(x @ kernel + bias): x (..., K) bfloat16/float16, kernel (K, N) (cast to x's dtype), bias (N,)
-  (float32 in the epilogue); returns (..., N) in x's dtype. Raises ValueError where unsupported_reason says."""
+def dense_gelu(x, kernel, bias, *, approximate: bool = True, config: TileConfig = TileConfig(),
+               programs: int | None = None):
+  """gelu(x @ kernel + bias), tanh form (approximate) or exact: x (..., K) bfloat16/float16, kernel (K, N) (cast
+  to x's dtype), bias (N,) (float32 in the epilogue); returns (..., N) in x's dtype. Raises ValueError where
+  unsupported_reason says."""
   reason = unsupported_reason(x, kernel, config)
   if reason is not None:
-    raise ValueError(f"dense_gelu_tanh: {reason}.")
+    raise ValueError(f"dense_gelu: {reason}.")
   lead, k = x.shape[:-1], x.shape[-1]
   n = kernel.shape[1]
   a = x.reshape(-1, k)
@@ -162,7 +172,7 @@ def dense_gelu_tanh(x, kernel, bias, *, config: TileConfig = TileConfig(), progr
             row_bias = load_vector(bias_smem.at[wg], plgpu.Layout.WGMMA.reduce(0))
             h = acc_ref[...] + lax.broadcast_in_dim(row_bias, (tile_m, tile_n), [1])
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has read out_smem
-            out_smem[wg] = gelu_tanh_f32(h, config.tanh).astype(dtype)
+            out_smem[wg] = _gelu_f32(h, approximate, config.tanh).astype(dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[rows, cta_cols].at[:, wg_cols])
 
@@ -181,34 +191,35 @@ def dense_gelu_tanh(x, kernel, bias, *, config: TileConfig = TileConfig(), progr
   return out.reshape(*lead, n)
 
 
-@jax.custom_vjp
-def _fused_with_unfused_grads(x, kernel, bias):
-  return dense_gelu_tanh(x, kernel, bias)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fused_with_unfused_grads(x, kernel, bias, approximate):
+  return dense_gelu(x, kernel, bias, approximate=approximate)
 
 
-def _fused_fwd(x, kernel, bias):
+def _fused_fwd(x, kernel, bias, approximate):
   # Under differentiation (training) the layer is the unfused one, so training computes exactly what it did
   # without the kernel; only inference (sampling) runs the kernel.
-  return jax.vjp(unfused, x, kernel, bias)
+  return jax.vjp(functools.partial(unfused, approximate=approximate), x, kernel, bias)
 
 
-def _fused_bwd(vjp, d_out):
+def _fused_bwd(approximate, vjp, d_out):
+  del approximate
   return vjp(d_out)
 
 
 _fused_with_unfused_grads.defvjp(_fused_fwd, _fused_bwd)
 
 
-def fused_or_none(x, kernel, bias):
-  """gelu_tanh(x @ kernel + bias) by the kernel where it runs (a Hopper GPU, bfloat16 / float16), else None: the
-  caller then keeps its unfused path. Under a mesh (sharding.per_shard) the kernel runs on each device's rows; a
-  shard whose shapes it does not take (unsupported_reason) computes `unfused`. Under differentiation the forward
-  and its gradients are `unfused`'s."""
+def fused_or_none(x, kernel, bias, approximate: bool = True):
+  """gelu(x @ kernel + bias) by the kernel where it runs (a Hopper GPU, bfloat16 / float16), else None: the caller
+  then keeps its unfused path. Under a mesh (sharding.per_shard) the kernel runs on each device's rows; a shard
+  whose shapes it does not take (unsupported_reason) computes `unfused`. Under differentiation the forward and its
+  gradients are `unfused`'s."""
   if not is_hopper() or _dtype_reason(x) is not None:
     return None
 
   def run(x):
     if unsupported_reason(x, kernel) is not None:
-      return unfused(x, kernel, bias)
-    return _fused_with_unfused_grads(x, kernel, bias)
+      return unfused(x, kernel, bias, approximate)
+    return _fused_with_unfused_grads(x, kernel, bias, approximate)
   return per_shard(run, x, logical=("batch",) + (None,) * (x.ndim - 1))

@@ -37,7 +37,6 @@ import inspect
 import math
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax

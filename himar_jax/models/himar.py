@@ -138,7 +138,7 @@ class MAR(nnx.Module):
                num_sampling_steps: str = "100", noise_schedule: str = "cosine", dtype=jnp.bfloat16,
                num_phases: int = 1, prefix_tokens: int = 0, encoder_buckets: int = 1,
                train_encoder_buckets: int = 1, remat: str = "none", dropout_rng: str = "threefry",
-               scan_blocks: bool = False, rngs: nnx.Rngs):
+               scan_blocks: bool = False, fused_mlp: bool = False, rngs: nnx.Rngs):
     if num_phases not in (1, 2):
       raise ValueError(f"num_phases={num_phases} must be 1 (MAR) or 2 (Hi-MAR).")
     self.num_tokens, self.token_dim, self.num_classes = num_tokens, token_dim, num_classes
@@ -178,7 +178,7 @@ class MAR(nnx.Module):
     self.encoder_pos_embed = param((1, num_phases * length, encoder_dim), (None, "length", "embed"))
     self.encoder_blocks = nnx.List([Block(encoder_dim, encoder_heads, mlp_ratio=mlp_ratio, dropout=dropout,
                                           dropout_bits=dropout_bits, num_phases=block_phases, dtype=dtype,
-                                          rngs=rngs)
+                                          fused_mlp=fused_mlp, rngs=rngs)
                                     for _ in range(encoder_depth)])
     self.encoder_norm = layer_norm(encoder_dim, rngs=rngs)
     self.decoder_embed = dense(encoder_dim, decoder_dim, ("embed", "mlp"), rngs=rngs, dtype=dtype)
@@ -187,7 +187,7 @@ class MAR(nnx.Module):
     self.decoder_pos_embed = param((1, num_phases * length, decoder_dim), (None, "length", "embed"))
     self.decoder_blocks = nnx.List([Block(decoder_dim, decoder_heads, mlp_ratio=mlp_ratio, dropout=dropout,
                                           dropout_bits=dropout_bits, num_phases=block_phases, dtype=dtype,
-                                          rngs=rngs)
+                                          fused_mlp=fused_mlp, rngs=rngs)
                                     for _ in range(decoder_depth)])
     self.decoder_norm = layer_norm(decoder_dim, rngs=rngs)
     self.diffusion_pos_embed = param((1, self.seq_len, decoder_dim), (None, "length", "embed"))
@@ -552,7 +552,7 @@ class HiMAR(MAR):
                phase_loss_weights: tuple[float, float] = (0.4, 0.6), dit_sampling_steps: str = "250",
                fused_norm: bool = False, fused_mlp: bool = False, rngs: nnx.Rngs, dtype=jnp.bfloat16, **kwargs):
     super().__init__(num_tokens=grid_size ** 2, token_dim=token_dim, num_phases=2, prefix_tokens=lowres_grid ** 2,
-                     dtype=dtype, rngs=rngs, **kwargs)
+                     dtype=dtype, fused_mlp=fused_mlp, rngs=rngs, **kwargs)
     encoder_dim = self.z_proj.out_features
     decoder_dim = self.decoder_embed.out_features
     self.grid_size, self.lowres_grid = grid_size, lowres_grid
@@ -852,7 +852,7 @@ def _backbone_kwargs(m) -> dict:
               diffusion_batch_mul=m.diffusion_batch_mul, num_sampling_steps=m.num_sampling_steps,
               encoder_buckets=m.get("encoder_buckets", 1), train_encoder_buckets=m.get("train_encoder_buckets", 1),
               remat=m.get("remat", "none"), dropout_rng=m.get("dropout_rng", "threefry"),
-              scan_blocks=m.get("scan_blocks", False), dtype=_DTYPES[m.dtype])
+              scan_blocks=m.get("scan_blocks", False), fused_mlp=m.get("fused_mlp", False), dtype=_DTYPES[m.dtype])
 
 
 def build(config, rngs: nnx.Rngs) -> MAR:
@@ -872,7 +872,7 @@ def himar_kwargs(m) -> dict:
               step_stage2_rate=m.step_stage2_rate, step_warmup_epochs=m.step_warmup_epochs,
               steps_per_epoch=m.steps_per_epoch, phase_loss_weights=tuple(m.phase_loss_weights),
               dit_sampling_steps=m.dit_sampling_steps, fused_norm=m.get("fused_norm", False),
-              fused_mlp=m.get("fused_mlp", False), **_backbone_kwargs(m))
+              **_backbone_kwargs(m))
 
 
 # Named sampler settings over a config's own (config.model.sampling_preset). "fast" is not the published sampler:

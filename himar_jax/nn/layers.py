@@ -9,6 +9,7 @@ import numpy as np
 from flax import nnx
 
 from himar_jax.kernels import fused_dense
+from himar_jax.nn.activations import gelu_erf  # noqa: F401 (re-exported: the Mlp's exact GELU)
 
 DEFAULT_COMPUTE_DTYPE = jnp.bfloat16
 
@@ -130,49 +131,6 @@ class Dropout(nnx.Module):
     return jax.lax.select(mask, x / keep, jnp.zeros_like(x))
 
 
-# erf(z) = 1 - t (a1 + t (a2 + t (a3 + t (a4 + t a5)))) exp(-z^2), t = 1 / (1 + P z), z >= 0: Abramowitz & Stegun
-# 7.1.26, absolute error <= 1.5e-7 (a couple of float32 ulps near 1, far below bfloat16's resolution).
-_ERF_P = 0.3275911
-_ERF_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
-
-
-def _erf_f32(z):
-  a = jnp.abs(z)
-  t = 1.0 / (1.0 + _ERF_P * a)
-  poly = t * (_ERF_A[0] + t * (_ERF_A[1] + t * (_ERF_A[2] + t * (_ERF_A[3] + t * _ERF_A[4]))))
-  return jnp.sign(z) * (1.0 - poly * jnp.exp(-a * a))
-
-
-_INV_SQRT2 = float(1.0 / np.sqrt(2.0))
-_INV_SQRT_2PI = float(1.0 / np.sqrt(2.0 * np.pi))
-
-
-def _normal_cdf(x32):
-  return 0.5 * (1.0 + _erf_f32(x32 * _INV_SQRT2))
-
-
-@jax.custom_jvp
-def gelu_erf(x):
-  """Exact-form GELU, x * Phi(x) (PyTorch's nn.GELU(), timm's default), computed in float32 and returned in x's
-  dtype (as PyTorch's autocast does: one rounding at the end).
-
-  erf comes from a 1.5e-7-accurate closed form (_erf_f32) instead of XLA's erf: on the H100 XLA's erf made this
-  activation compute-bound, 0.90 ms on the Hi-MAR-B decoder's (98304, 3072) bfloat16 activations against a
-  0.40 ms bytes floor (bench/gelu.py). The derivative is the exact formula Phi(x) + x phi(x), not the derivative of
-  the approximation."""
-  x32 = x.astype(jnp.float32)
-  return (x32 * _normal_cdf(x32)).astype(x.dtype)
-
-
-@gelu_erf.defjvp
-def _gelu_erf_jvp(primals, tangents):
-  (x,), (dx,) = primals, tangents
-  x32 = x.astype(jnp.float32)
-  cdf = _normal_cdf(x32)
-  slope = cdf + x32 * _INV_SQRT_2PI * jnp.exp(-0.5 * x32 * x32)
-  return (x32 * cdf).astype(x.dtype), (slope * dx.astype(jnp.float32)).astype(dx.dtype)
-
-
 class Mlp(nnx.Module):
   """Linear -> GELU -> Linear (timm Mlp); `approximate` picks tanh GELU (DiT) or exact erf GELU (timm/MAR)."""
 
@@ -182,10 +140,8 @@ class Mlp(nnx.Module):
     self.fc1 = dense(features, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype)
     self.fc2 = dense(hidden, features, ("mlp", "embed"), rngs=rngs, dtype=dtype)
     self.approximate_gelu = approximate_gelu
-    # fused_gelu (tanh GELU only): fc1's bias and GELU in the matmul's epilogue (kernels/fused_dense) where that
-    # kernel runs; opt-in, see bench/notes.md
-    if fused_gelu and not approximate_gelu:
-      raise ValueError("Mlp(fused_gelu=True) fuses the tanh GELU; pass approximate_gelu=True with it.")
+    # fused_gelu: fc1's bias and GELU (either form) in the matmul's epilogue (kernels/fused_dense) where that
+    # kernel runs, at inference; opt-in, see bench/notes.md
     self.fused_gelu = fused_gelu
     # No Rngs stored in modules: randomness comes in at call time, so models hold parameters only.
     self.drop = Dropout(dropout, bits=dropout_bits)
@@ -194,7 +150,8 @@ class Mlp(nnx.Module):
     """Dropout is active iff `rngs` is given (training)."""
     h = None
     if self.fused_gelu:
-      h = fused_dense.fused_or_none(x.astype(self.fc1.dtype), self.fc1.kernel[...], self.fc1.bias[...])
+      h = fused_dense.fused_or_none(x.astype(self.fc1.dtype), self.fc1.kernel[...], self.fc1.bias[...],
+                                    self.approximate_gelu)
     if h is None:
       h = self.fc1(x)
       h = nnx.gelu(h, approximate=True) if self.approximate_gelu else gelu_erf(h)

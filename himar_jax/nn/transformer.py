@@ -186,11 +186,13 @@ class SelfAttention(nnx.Module):
 class Block(nnx.Module):
 
   def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, mlp_ratio: float = 4.0, dropout: float = 0.0,
-               dropout_bits: str = "random", num_phases: int = 0, dtype=DEFAULT_COMPUTE_DTYPE, eps: float = 1e-6):
+               dropout_bits: str = "random", num_phases: int = 0, dtype=DEFAULT_COMPUTE_DTYPE, eps: float = 1e-6,
+               fused_mlp: bool = False):
     self.norm1 = layer_norm(dim, rngs=rngs, epsilon=eps)
     self.attn = SelfAttention(dim, num_heads, rngs=rngs, dropout=dropout, dropout_bits=dropout_bits, dtype=dtype)
     self.norm2 = layer_norm(dim, rngs=rngs, epsilon=eps)
-    self.mlp = Mlp(dim, int(dim * mlp_ratio), rngs=rngs, dropout=dropout, dropout_bits=dropout_bits, dtype=dtype)
+    self.mlp = Mlp(dim, int(dim * mlp_ratio), rngs=rngs, dropout=dropout, dropout_bits=dropout_bits, dtype=dtype,
+                   fused_gelu=fused_mlp)
     self.num_phases = num_phases
     if num_phases:
       init_shift = jnp.tile(jnp.array([0.0, 1.0, 0.0, 1.0]).repeat(dim), (num_phases, 1))
