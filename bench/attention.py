@@ -35,7 +35,9 @@ from himar_jax.kernels import PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_1024, S
 from himar_jax.kernels import block_sparse
 from himar_jax.nn.attention import xla_attention
 
-SIZES = {"L680": (32, PATCH_NUMS_256), "L2240": (8, PATCH_NUMS_512), "L9451": (1, PATCH_NUMS_1024)}
+SIZES = {"L680": (32, PATCH_NUMS_256), "L2240": (8, PATCH_NUMS_512), "L9451": (1, PATCH_NUMS_1024),
+         # the Hi-MAR DiT head's attention at sampling batch 256 (one 16 x 16 map; use --patterns full --heads 8)
+         "dit256": (256, (16,))}
 # HMAR's Triton kernel on the H100 (fp16, head_dim 64), from the issue: (forward, forward+backward) ms.
 TRITON_MS = {
     ("L680", "block_diagonal"): (0.157, 1.236), ("L2240", "block_diagonal"): (0.231, 2.245),
@@ -288,7 +290,7 @@ def main():
             row["fwd_bwd_ms"] = time_ms(both, input_sets, args.iters, args.repeats)
         except Exception as e:  # a method that fails to compile (e.g. cudnn limits) is reported, not fatal
           row["error"] = f"{type(e).__name__}: {str(e)[:1500]}"
-        row["triton_fwd_ms"], row["triton_fwd_bwd_ms"] = TRITON_MS[(size, pattern)]
+        row["triton_fwd_ms"], row["triton_fwd_bwd_ms"] = TRITON_MS.get((size, pattern), (float("nan"),) * 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
         save()

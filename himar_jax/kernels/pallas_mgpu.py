@@ -15,10 +15,12 @@ warpgroup into
   masked  steps at the range's ends (per-row [row_start, row_end) masks, rows loaded by TMA; for dk/dv the range of
           queries that see each key, key_query_ranges),
   full  steps where every row sees every key (no mask).
-Tiles outside the range are never loaded. Work items (a pair of 64-row tiles of one batch row and head) run
-heaviest first, either one CTA each or on persistent CTAs that loop over items (the producer then prefetches
-the next item's tiles while the consumers finish; ring slots and barrier phases continue across items). Tensors
-stay (batch, length, heads, head_dim), unpadded: TMA fills rows past L with zeros on load and drops them on store.
+Tiles outside the range are never loaded. The forward's CTAs may start `row_shift` rows before row 0, so that they
+end at L where that saves key steps (block-causal layouts: tile_table, best_row_shift). Work items (a pair of 64-row
+tiles of one batch row and head) run heaviest first, either one CTA each or on persistent CTAs that loop over items
+(the producer then prefetches the next item's tiles while the consumers finish; ring slots and barrier phases
+continue across items). Tensors stay (batch, length, heads, head_dim), unpadded: TMA fills rows past L with zeros
+on load and drops them on store.
 Copies through wgmma's tiled shared-memory view need L to be a multiple of 8 (Mosaic's TMA tiling); at head_dim 64
 other lengths copy through an untiled view of the same bytes (untiled_copy_views), and at head_dim 128 they are
 padded by < 8 rows (a copy of q, k, v and a slice of the output). Logits are in
@@ -235,7 +237,7 @@ def forward(q, k, v, plan: TilePlan, *, scale: float, stages: int = 2, consumer_
   start and finish. align_keys: key steps start at each CTA's first key (tile_table), else on a block_k grid.
   untiled_copies: TMA copies through untiled views of the shared buffers (untiled_copy_views); None: when L is not
   a multiple of 8 and head_dim is 64, the case it serves. row_shift: the CTAs' rows start row_shift rows before
-  row 0 (tile_table); None: best_row_shift. Rows of lse past L are not written when row_shift > 0.
+  row 0 (tile_table); None: best_row_shift. With row_shift > 0 rows of lse past L may be left unwritten.
   """
   if plgpu is None:
     raise RuntimeError("jax.experimental.pallas.mosaic_gpu is not available in this jax build.")
