@@ -131,7 +131,8 @@ MOSAIC_MIN_LENGTH = 1024
 MOSAIC_GRID_LENGTH = 4096
 # Session 9: with its CTA rows shifted to end at L (pallas_mgpu.best_row_shift), the Mosaic forward overtook Triton
 # at L680 block-causal (0.178 vs 0.196 ms in one run; 0.210 without the shift: 23 instead of 28 key steps per
-# head), not block-diagonal (0.129 vs 0.115). `full` is not timed: its ranges start at key 0 as block-causal ones.
+# head), not block-diagonal (0.129 vs 0.115). `full` (ranges from key 0, as block-causal): at the DiT head's B256 H8
+# L256 the Mosaic forward took 0.166 ms vs Triton's 0.180 (bench/results/attention_dit256.json).
 MOSAIC_SHORT_PATTERNS = ("block_causal", "full")
 
 
