@@ -61,7 +61,7 @@ class KernelConfig:
   bwd_num_stages: int = 3  # Triton backward's pipeline stages
   align_keys: bool = True  # Mosaic GPU forward: key steps from each CTA's first key (else a block_k grid)
   untiled_copies: bool | None = None  # Mosaic GPU kernels: TMA through untiled views (None: where L % 8 != 0)
-  row_shift: int | None = None  # Mosaic GPU forward: CTA rows start this far before row 0 (None: fewest steps)
+  row_shift: int | None = None  # Mosaic GPU forward: CTA rows start this far before row 0 (resolved at entry)
 
 
 def _default_blocks(backend: str, head_dim: int, length: int, gpu_kernel: str) -> tuple[int, int, int]:
@@ -281,6 +281,8 @@ def block_sparse_attention(q, k, v, layout: ScaleLayout, *, scale: float | None 
     size = getattr(cfg, name)
     if size < 8 or size & (size - 1):
       raise ValueError(f"{name}={size} must be a power of two >= 8 (Triton and Mosaic tiles).")
+  if kernel == "mosaic" and row_shift is None:  # resolved once here; the forward and backward read cfg.row_shift
+    cfg = dataclasses.replace(cfg, row_shift=pallas_mgpu.best_row_shift(_forward_plan(cfg, layout), cfg.align_keys))
   return _attend(q, k, v, cfg, layout)
 
 
@@ -332,19 +334,12 @@ def _from_tpu(x, length):
   return jnp.swapaxes(x, 1, 2)[:, :length]
 
 
-def _mosaic_row_shift(cfg: KernelConfig, layout: ScaleLayout) -> int:
-  """The Mosaic GPU forward's row shift (cfg.row_shift, or the one with the fewest key steps)."""
-  if cfg.row_shift is not None:
-    return cfg.row_shift
-  return pallas_mgpu.best_row_shift(_forward_plan(cfg, layout), cfg.align_keys)
-
-
 def _forward(q, k, v, cfg: KernelConfig, layout: ScaleLayout):
   plan = _forward_plan(cfg, layout)
   if cfg.backend == "pallas_gpu" and cfg.gpu_kernel == "mosaic":
     return pallas_mgpu.forward(q, k, v, plan, scale=cfg.scale, stages=cfg.stages, programs=cfg.programs,
                                align_keys=cfg.align_keys, untiled_copies=cfg.untiled_copies,
-                               row_shift=_mosaic_row_shift(cfg, layout))
+                               row_shift=cfg.row_shift)
   if cfg.backend == "pallas_gpu":
     return pallas_gpu.forward(q, k, v, plan, scale=cfg.scale, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                               interpret=bool(cfg.interpret), poison=cfg.poison, fast_exp=cfg.fast_exp)
@@ -368,7 +363,7 @@ def _attend_bwd(cfg, layout, residuals, d_out):
   plan = _backward_plan(cfg, layout)
   if cfg.backend == "pallas_gpu" and cfg.gpu_bwd_kernel == "mosaic":
     dq_plan, dkv_plan = plan
-    pad_rows_unwritten = cfg.gpu_kernel == "mosaic" and _mosaic_row_shift(cfg, layout) > 0
+    pad_rows_unwritten = cfg.gpu_kernel == "mosaic" and bool(cfg.row_shift)
     if lse.shape[-1] != dq_plan.l_pad or pad_rows_unwritten:  # the Triton forward's, or the shifted Mosaic one's:
       # rows past L unwritten, and any finite lse serves the Mosaic backward's padding rows (their q, dO and delta
       # are zero)

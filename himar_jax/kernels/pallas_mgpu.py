@@ -101,7 +101,7 @@ def tile_table(plan: TilePlan, align_keys: bool = True, row_shift: int = 0) -> n
   starts = np.where(owned, plan.row_start[index], big).astype(np.int64)
   ends = np.where(owned, plan.row_end[index], -1).astype(np.int64)
   tile_owns = owned.any(axis=2)
-  kv_start = np.where(owned, starts, big).min(axis=(1, 2)) // ROW_ALIGN * ROW_ALIGN * int(align_keys)  # per CTA
+  kv_start = starts.min(axis=(1, 2)) // ROW_ALIGN * ROW_ALIGN * int(align_keys)  # per CTA (owned rows only)
   base = kv_start[:, None]
   lo = (starts.min(2) - base) // bk
   hi = -(-(ends.max(2) - base) // bk)
