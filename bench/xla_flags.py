@@ -6,7 +6,7 @@ Each flag set runs in its own process (XLA reads XLA_FLAGS once, at backend star
 already set. Workloads, at the published Hi-MAR-B sizes (DiT head 512 x 6, 8 heads, 16 x 16 tokens, random weights):
   dit_sample  `--passes` denoising passes chained in one jitted fori_loop (each pass's output is the next input),
               batch 256 = 128 images x 2 CFG halves: the sampler's inner loop. `--denoiser=sampler` (default)
-              runs the head as dit_head_sample does (heads.sampling_denoiser: kernels cast and every adaLN weight
+              runs the head as dit_head_sample does (heads.dit_denoiser: kernels cast and every adaLN weight
               concatenated once, before the loop); `--denoiser=unmerged`: kernels cast once, one adaLN matmul per
               layer (the session-9 sampler); `--denoiser=plain`: DiTHead.denoise as it is (what the v6 - v8
               measurements in bench/notes.md ran);
@@ -98,7 +98,7 @@ def run_workload(workload: str, variant: str, passes: int, repeats: int, out_npy
     def run(params, x, z, t):
       model = nnx.merge(graphdef, params)
       if denoiser == "sampler":
-        denoise, z_emb = heads.sampling_denoiser(model, z)
+        denoise, z_emb = heads.dit_denoiser(model, z)
       elif denoiser == "unmerged":
         model = with_compute_dtype_kernels(model)
         denoise, z_emb = model.denoise, model.embed_condition(z)
@@ -149,7 +149,7 @@ def main():
   p.add_argument("--norm", default="xla", choices=("xla", "pallas_gpu"),
                  help="the DiT head's modulated_layer_norm backend")
   p.add_argument("--denoiser", default="sampler", choices=("sampler", "unmerged", "plain"),
-                 help="dit_sample: the samplers' prepared head (heads.sampling_denoiser) or DiTHead.denoise as it is")
+                 help="dit_sample: the samplers' prepared head (heads.dit_denoiser) or DiTHead.denoise as it is")
   p.add_argument("--out", default=None)
   p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one set, write JSON here
   args = p.parse_args()

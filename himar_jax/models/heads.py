@@ -91,13 +91,6 @@ class TimestepEmbedder(nnx.Module):
 # MLP head (MAR SimpleMLPAdaLN)
 # ----------------------------------------------------------------------------------------------------------------
 
-def adaln_weights(layers):
-  """(kernel, bias) of the adaLN Linear `layers` side by side along their outputs, in their current dtypes. A
-  head's adaLN layers all read SiLU(condition), so one matmul with these computes every modulation of a pass."""
-  return (jnp.concatenate([layer.kernel[...] for layer in layers], axis=1),
-          jnp.concatenate([layer.bias[...] for layer in layers]))
-
-
 class MlpResBlock(nnx.Module):
   """x + gate * MLP(LN(x) * (1 + scale) + shift); (shift, scale, gate) = Linear(SiLU(y)), zero-initialised."""
 
@@ -108,15 +101,10 @@ class MlpResBlock(nnx.Module):
     self.adaln = dense(width, 3 * width, ("embed", "mlp"), rngs=rngs, dtype=dtype, kernel_init=_zeros)
 
   def __call__(self, x, y):
-    return self.modulated(x, self.adaln(nnx.silu(y)), 0)
-
-  def modulated(self, x, mods, first: int):
-    """The block with its (shift, scale, gate) at chunks first .. first + 2 of mods (..., K W)."""
-    width = x.shape[-1]
-    chunk = lambda j: _f32(mods[..., (first + j) * width:(first + j + 1) * width])
-    h = modulate(self.norm(x), chunk(0), chunk(1))
+    shift, scale, gate = jnp.split(_f32(self.adaln(nnx.silu(y))), 3, axis=-1)
+    h = modulate(self.norm(x), shift, scale)
     h = _f32(self.fc2(nnx.silu(_f32(self.fc1(h)))))
-    return x + chunk(2) * h
+    return x + gate * h
 
 
 class FinalLayer(nnx.Module):
@@ -129,14 +117,11 @@ class FinalLayer(nnx.Module):
     self.linear = dense(width, out_channels, ("embed", None), rngs=rngs, dtype=dtype, kernel_init=_zeros)
     self.compute_dtype, self.norm_implementation = dtype, norm_implementation
 
-  def __call__(self, x, c):
-    return self.modulated(x, self.adaln(nnx.silu(c)), 0)
-
-  def modulated(self, x, mods, first: int, pending=None):
-    """The layer with its (shift, scale) at chunks first, first + 1 of mods (..., K W). pending: (h, gate chunk),
-    a gated residual x + mods[gate] * h that the caller left to this layer's LayerNorm pass (DiTHead.denoise)."""
-    h, gate = (None, None) if pending is None else pending
-    _, y = modulated_layer_norm(x, mods, shift=first, scale=first + 1, h=h, gate=gate, out_dtype=self.compute_dtype,
+  def __call__(self, x, c, mod=None):
+    """mod: the adaLN output (..., 2 W) when the caller computed it (DiTHead's merged adaLN); else from c."""
+    if mod is None:
+      mod = self.adaln(nnx.silu(c))
+    _, y = modulated_layer_norm(x, mod, shift=0, scale=1, out_dtype=self.compute_dtype,
                                 implementation=self.norm_implementation)
     return _f32(self.linear(y))
 
@@ -170,23 +155,13 @@ class MlpHead(nnx.Module):
     loop (z is fixed within it)."""
     return _f32(self.cond_embed(z))
 
-  def adaln_weights(self):
-    """Every block's and the final layer's adaLN weights side by side (adaln_weights below)."""
-    return adaln_weights([block.adaln for block in self.res_blocks] + [self.final_layer.adaln])
-
-  def denoise(self, x, t, z_emb, adaln=None):
-    """The head's output from z_emb = embed_condition(z). adaln: adaln_weights(), for inference: every
-    modulation of the pass from one matmul (the samplers concatenate the weights once, before their loop)."""
+  def denoise(self, x, t, z_emb):
+    """The head's output from z_emb = embed_condition(z)."""
     h = _f32(self.input_proj(x))
     y = constrain(self.time_embed(t) + z_emb)  # token rows: batch-sharded (see constrain)
-    if adaln is None:
-      for block in self.res_blocks:
-        h = block(constrain(h), y)
-      return constrain(self.final_layer(constrain(h), y))
-    mods = linear_with(self.final_layer.adaln, nnx.silu(y), *adaln)
-    for i, block in enumerate(self.res_blocks):
-      h = block.modulated(constrain(h), mods, 3 * i)
-    return constrain(self.final_layer.modulated(constrain(h), mods, 3 * len(self.res_blocks)))
+    for block in self.res_blocks:
+      h = block(constrain(h), y)
+    return constrain(self.final_layer(constrain(h), y))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -218,23 +193,17 @@ class DiTBlock(nnx.Module):
     self.adaln = dense(width, 6 * width, ("embed", "mlp"), rngs=rngs, dtype=dtype, kernel_init=_zeros)
     self.compute_dtype, self.norm_implementation = dtype, norm_implementation
 
-  def __call__(self, x, c):
-    mod = self.adaln(nnx.silu(c))  # (..., 6 W): shift, scale, gate for the attention, then for the MLP
-    x, (h, gate) = self.deferred(x, mod, 0)
-    return x + _f32(mod[..., gate * x.shape[-1]:(gate + 1) * x.shape[-1]]) * _f32(h)
-
-  def deferred(self, x, mods, first: int, pending=None):
-    """The block with its six adaLN chunks at first .. first + 5 of mods (..., K W), its MLP's gated residual
-    left to the caller: (x after the attention's residual, (MLP output h, gate chunk first + 5)).
-
-    pending: the previous block's deferred (h, gate chunk), added inside this block's first LayerNorm pass
-    (modulated_layer_norm's residual input) instead of in a pass of its own (DiTHead.denoise)."""
+  def __call__(self, x, c, mod=None):
+    """mod: this block's adaLN output (..., 6 W) when the caller computed it (DiTHead's merged adaLN); else
+    computed here from c. Chunks: shift, scale, gate for the attention, then for the MLP."""
+    if mod is None:
+      mod = self.adaln(nnx.silu(c))
     norm = functools.partial(modulated_layer_norm, out_dtype=self.compute_dtype,
                              implementation=self.norm_implementation)
-    h, gate = (None, None) if pending is None else pending
-    x, y = norm(x, mods, shift=first, scale=first + 1, h=h, gate=gate)
-    x, y = norm(x, mods, shift=first + 3, scale=first + 4, h=self.attn(y), gate=first + 2)
-    return x, (self.mlp(y), first + 5)
+    _, y = norm(x, mod, shift=0, scale=1)
+    x, y = norm(x, mod, shift=3, scale=4, h=self.attn(y), gate=2)
+    gate_mlp = mod[..., 5 * x.shape[-1]:]
+    return x + _f32(gate_mlp) * _f32(self.mlp(y))
 
 
 class DiTHead(nnx.Module):
@@ -289,29 +258,28 @@ class DiTHead(nnx.Module):
     return _f32(self.c_embedder(z))
 
   def adaln_weights(self):
-    """Every block's and the final layer's adaLN weights side by side: (W, depth * 6W + 2W), (depth * 6W + 2W,)."""
-    return adaln_weights([block.adaln for block in self.blocks] + [self.final_layer.adaln])
+    """(kernel (W, depth * 6W + 2W), bias) of every block's adaLN and the final layer's side by side, in the
+    layers' current dtypes: all of them read SiLU(c), so one matmul computes a pass's modulations (denoise)."""
+    layers = [block.adaln for block in self.blocks] + [self.final_layer.adaln]
+    return (jnp.concatenate([layer.kernel[...] for layer in layers], axis=1),
+            jnp.concatenate([layer.bias[...] for layer in layers]))
 
   def denoise(self, x, t, z_emb, adaln=None):
     """The head's output from z_emb = embed_condition(z) (what __call__ computes after embedding z).
 
-    adaln: adaln_weights(), for inference (the blocks then run unrolled, without remat):
-    - the modulations of every block and of the final layer come from one (N, L, W) x (W, depth * 6W + 2W)
-      matmul instead of depth + 1 narrower ones (the samplers concatenate the weights once, before their
-      diffusion loop);
-    - each block's MLP residual x + gate * h is added inside the next LayerNorm pass (the next block's first,
-      or the final layer's: DiTBlock.deferred), the way the attention's residual already is, instead of in a
-      memory pass of its own. Same arithmetic, in the same order."""
+    adaln: adaln_weights(), for inference: the modulations of every block and of the final layer come from one
+    (N, L, W) x (W, depth * 6W + 2W) matmul instead of depth + 1 narrower ones (the samplers concatenate the
+    weights once, before their diffusion loop). The blocks then run unrolled, without remat."""
     h = _f32(self.x_embedder(x)) + self.pos_embed()[None]
     c = constrain(self.t_embedder(t)[:, None, :] + z_emb)
     if adaln is None:
       h = run_blocks(self.blocks, h, self.remat, c, scan=self.scan_blocks)
       return constrain(self.final_layer(h, c))
     mods = linear_with(self.final_layer.adaln, nnx.silu(c), *adaln)
-    pending = None
+    width = 6 * self.width
     for i, block in enumerate(self.blocks):
-      h, pending = block.deferred(constrain(h), mods, 6 * i, pending)
-    return constrain(self.final_layer.modulated(constrain(h), mods, 6 * len(self.blocks), pending))
+      h = constrain(block(constrain(h), c, mod=mods[..., i * width:(i + 1) * width]))
+    return constrain(self.final_layer(h, c, mod=mods[..., len(self.blocks) * width:]))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -395,15 +363,6 @@ def _start(shape, key, noise, step_noise, *, noiseless: bool = False):
   return noise, loop_key
 
 
-def sampling_denoiser(head: MlpHead | DiTHead, z):
-  """(denoise(x, t, z_emb), z_emb) as the samplers run a head: the loop-invariant work done once, before the
-  diffusion loop (once per condition, not per step): the weight casts (XLA left them in the loop body), the
-  condition embedding and the concatenation of every adaLN weight (adaln_weights: one modulation matmul per
-  pass; XLA merged the MLP head's adaLN matmuls itself but concatenated their weights at every step)."""
-  head = with_compute_dtype_kernels(head)
-  return functools.partial(head.denoise, adaln=head.adaln_weights()), head.embed_condition(z)
-
-
 def mlp_head_sample(head: MlpHead, diffusion: GaussianDiffusion, z, *, cfg_scale=None, temperature=1.0,
                     key=None, noise=None, step_noise=None):
   """Samples one token per condition row with `diffusion` (e.g. create_diffusion('100')): (B, C).
@@ -417,10 +376,20 @@ def mlp_head_sample(head: MlpHead, diffusion: GaussianDiffusion, z, *, cfg_scale
   if cfg_scale is not None and z.shape[0] % 2:
     raise ValueError(f"with cfg_scale, z must stack conditional and unconditional rows (even count); got {z.shape}.")
   c = head.in_channels
-  denoise, z_emb = sampling_denoiser(head, z)
-  model_fn = (lambda x, t: denoise(x, t, z_emb)) if cfg_scale is None else _guided(denoise, z_emb, cfg_scale, c)
+  head = with_compute_dtype_kernels(head)  # weight casts once, not at every diffusion step
+  z_emb = head.embed_condition(z)  # hoisted out of the diffusion loop
+  model_fn = ((lambda x, t: head.denoise(x, t, z_emb)) if cfg_scale is None
+              else _guided(head.denoise, z_emb, cfg_scale, c))
   x_init, loop_key = _start((b, c), key, noise, step_noise)
   return diffusion.p_sample_loop(model_fn, x_init, key=loop_key, step_noise=step_noise, temperature=temperature)
+
+
+def dit_denoiser(head: DiTHead, z):
+  """(denoise(x, t, z_emb), z_emb) as the DiT samplers run the head: the loop-invariant work done once, before
+  the diffusion loop (once per decoder map, not per step): the weight casts, the condition embedding and the
+  concatenation of every adaLN weight (DiTHead.adaln_weights: one modulation matmul per pass)."""
+  head = with_compute_dtype_kernels(head)
+  return functools.partial(head.denoise, adaln=head.adaln_weights()), head.embed_condition(z)
 
 
 def dit_head_sample(head: DiTHead, diffusion: GaussianDiffusion, z, *, known, predict_mask, cfg_scale=None,
@@ -438,7 +407,7 @@ def dit_head_sample(head: DiTHead, diffusion: GaussianDiffusion, z, *, known, pr
   if known.shape != shape or predict_mask.shape != shape[:2]:
     raise ValueError(f"known must be {shape} and predict_mask {shape[:2]} for z {z.shape}; got "
                      f"{known.shape} and {predict_mask.shape}.")
-  denoise, z_emb = sampling_denoiser(head, z)
+  denoise, z_emb = dit_denoiser(head, z)
   model_fn = ((lambda x, t: denoise(x, t, z_emb)) if cfg_scale is None
               else _guided(denoise, z_emb, cfg_scale, head.in_channels))
   if method not in ("ddpm", "ddim"):
