@@ -5,11 +5,7 @@
 Each flag set runs in its own process (XLA reads XLA_FLAGS once, at backend start), appended to any XLA_FLAGS
 already set. Workloads, at the published Hi-MAR-B sizes (DiT head 512 x 6, 8 heads, 16 x 16 tokens, random weights):
   dit_sample  `--passes` denoising passes chained in one jitted fori_loop (each pass's output is the next input),
-              batch 256 = 128 images x 2 CFG halves: the sampler's inner loop. `--denoiser=sampler` (default)
-              runs the head as dit_head_sample does (heads.dit_denoiser: kernels cast and every adaLN weight
-              concatenated once, before the loop); `--denoiser=unmerged`: kernels cast once, one adaLN matmul per
-              layer (the session-9 sampler); `--denoiser=plain`: DiTHead.denoise as it is (what the v6 - v8
-              measurements in bench/notes.md ran);
+              batch 256 = 128 images x 2 CFG halves: exactly the sampler's inner loop;
   dit_train   value and gradient of the DiT loss w.r.t. the head's parameters, batch 256 = 64 images x
               diffusion_batch_mul 4 (the training step's DiT part), `--passes` calls back to back.
 Prints a table (ms per pass, speed-up over the first set, largest relative difference of the output from the first
@@ -63,8 +59,7 @@ def relative_difference(a, b) -> float:
   return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))
 
 
-def run_workload(workload: str, variant: str, passes: int, repeats: int, out_npy: str, norm: str = "xla",
-                 denoiser: str = "sampler") -> dict:
+def run_workload(workload: str, variant: str, passes: int, repeats: int, out_npy: str, norm: str = "xla") -> dict:
   """Times one workload in this process (its XLA_FLAGS already set); saves its output to out_npy."""
   import jax
   import jax.numpy as jnp
@@ -74,7 +69,6 @@ def run_workload(workload: str, variant: str, passes: int, repeats: int, out_npy
   from configs.himar import get_config
   from himar_jax.diffusion import create_diffusion
   from himar_jax.models import heads
-  from himar_jax.nn.layers import with_compute_dtype_kernels
 
   m = get_config(variant).model
   head = heads.DiTHead(m.token_dim, m.decoder_dim, m.dit_width, m.dit_depth, m.dit_heads,
@@ -97,14 +91,8 @@ def run_workload(workload: str, variant: str, passes: int, repeats: int, out_npy
     @jax.jit
     def run(params, x, z, t):
       model = nnx.merge(graphdef, params)
-      if denoiser == "sampler":
-        denoise, z_emb = heads.dit_denoiser(model, z)
-      elif denoiser == "unmerged":
-        model = with_compute_dtype_kernels(model)
-        denoise, z_emb = model.denoise, model.embed_condition(z)
-      else:
-        denoise, z_emb = model.denoise, model.embed_condition(z)
-      return jax.lax.fori_loop(0, passes, lambda i, x: denoise(x, t, z_emb), x)
+      z_emb = model.embed_condition(z)
+      return jax.lax.fori_loop(0, passes, lambda i, x: model.denoise(x, t, z_emb), x)
     call = lambda: run(params, x, z, t)
     calls = 1
   elif workload == "dit_train":
@@ -148,15 +136,13 @@ def main():
   p.add_argument("--timeout", type=int, default=240, help="seconds per flag set")
   p.add_argument("--norm", default="xla", choices=("xla", "pallas_gpu"),
                  help="the DiT head's modulated_layer_norm backend")
-  p.add_argument("--denoiser", default="sampler", choices=("sampler", "unmerged", "plain"),
-                 help="dit_sample: the samplers' prepared head (heads.dit_denoiser) or DiTHead.denoise as it is")
   p.add_argument("--out", default=None)
   p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one set, write JSON here
   args = p.parse_args()
 
   if args.child:
     npy = args.child + ".npy"
-    result = run_workload(args.workload, args.variant, args.passes, args.repeats, npy, args.norm, args.denoiser)
+    result = run_workload(args.workload, args.variant, args.passes, args.repeats, npy, args.norm)
     with open(args.child, "w") as f:
       json.dump(result, f)
     return
@@ -169,8 +155,7 @@ def main():
       child_out = os.path.join(tmp, f"set{i}.json")
       env = dict(os.environ, XLA_FLAGS=" ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), flags])))
       cmd = [sys.executable, os.path.abspath(__file__), f"--workload={args.workload}", f"--variant={args.variant}",
-             f"--passes={args.passes}", f"--repeats={args.repeats}", f"--norm={args.norm}",
-             f"--denoiser={args.denoiser}", f"--child={child_out}"]
+             f"--passes={args.passes}", f"--repeats={args.repeats}", f"--norm={args.norm}", f"--child={child_out}"]
       row = {"name": name, "flags": flags}
       try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
@@ -192,7 +177,7 @@ def main():
       print(f"{name:24s} " + (f"{row['ms_per_pass']:8.3f} ms  x{row['speedup']:.3f}  diff "
                                f"{row['rel_diff_vs_first']:.2e}" if "ms_per_pass" in row else row["error"]),
             flush=True)
-  report({"command": "PYTHONPATH=. python " + " ".join(sys.argv), "workload": args.workload, "norm": args.norm, "denoiser": args.denoiser,
+  report({"command": "PYTHONPATH=. python " + " ".join(sys.argv), "workload": args.workload, "norm": args.norm,
           "variant": args.variant, "passes": args.passes, "rows": rows}, args.out)
 
 

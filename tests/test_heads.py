@@ -383,33 +383,3 @@ def test_samplers_cast_the_kernels_once_outside_the_diffusion_loop(kind):
   want = np.asarray(jax.jit(lambda *a: head(*a))(*args))
   assert np.abs(want).max() > 1e-3
   np.testing.assert_array_equal(np.asarray(jax.jit(lambda *a: copy(*a))(*args)), want)
-
-
-def test_dit_merged_adaln_matches_the_per_block_layers():
-  """DiTHead.denoise with adaln_weights(): every block's and the final layer's modulation from one matmul equals
-  the per-layer path (float32, random adaLN weights so no block is the identity), and the samplers' loop body
-  holds that one matmul (output width depth * 6W + 2W) and no concatenation of the weights."""
-  head = H.DiTHead(4, 8, 32, 2, 2, grid_size=4, rngs=nnx.Rngs(0), dtype=jnp.float32)
-  for i, (_, layer) in enumerate(nnx.iter_modules(head)):
-    if isinstance(layer, nnx.Linear):
-      layer.kernel.set_value(0.3 * jax.random.normal(jax.random.key(i), layer.kernel.get_value().shape))
-      layer.bias.set_value(0.1 * jax.random.normal(jax.random.key(100 + i), layer.bias.get_value().shape))
-  x = jax.random.normal(jax.random.key(1), (3, 16, 4))
-  t = jnp.asarray([0, 17, 999])
-  z_emb = head.embed_condition(jax.random.normal(jax.random.key(2), (3, 16, 8)))
-  kernel, bias = head.adaln_weights()
-  assert kernel.shape == (32, 2 * 6 * 32 + 2 * 32) and bias.shape == (2 * 6 * 32 + 2 * 32,)
-  want = np.asarray(head.denoise(x, t, z_emb), np.float64)
-  got = np.asarray(head.denoise(x, t, z_emb, adaln=(kernel, bias)), np.float64)
-  assert np.abs(want).max() > 1e-2
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
-
-  run = lambda z: H.dit_head_sample(head, create_diffusion("5", learn_sigma=False), z, cfg_scale=2.0,
-                                    known=jnp.zeros((1, 16, 4)), predict_mask=jnp.ones((1, 16), bool),
-                                    key=jax.random.key(0))
-  eqns = _eqns_by_loop_depth(jax.make_jaxpr(run)(jnp.ones((2, 16, 8))).jaxpr)
-  adaln_dots = [d for d, e in eqns if e.primitive.name == "dot_general"
-                and e.outvars[0].aval.shape[-1] in (6 * 32, 2 * 32, 2 * 6 * 32 + 2 * 32)]
-  assert adaln_dots == [1], adaln_dots  # one modulation matmul per pass, inside the loop
-  assert not [d for d, e in eqns if e.primitive.name == "concatenate" and d >= 1
-              and e.outvars[0].aval.shape == kernel.shape]

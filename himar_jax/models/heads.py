@@ -27,8 +27,7 @@ from flax import nnx
 
 from himar_jax.diffusion import GaussianDiffusion
 from himar_jax.kernels.modulated_norm import modulated_layer_norm
-from himar_jax.nn.layers import (DEFAULT_COMPUTE_DTYPE, Mlp, dense, layer_norm, linear_with,
-                                with_compute_dtype_kernels)
+from himar_jax.nn.layers import DEFAULT_COMPUTE_DTYPE, Mlp, dense, layer_norm, with_compute_dtype_kernels
 from himar_jax.nn.transformer import SelfAttention, check_remat, run_blocks
 from himar_jax.parallel.sharding import constrain
 
@@ -117,11 +116,8 @@ class FinalLayer(nnx.Module):
     self.linear = dense(width, out_channels, ("embed", None), rngs=rngs, dtype=dtype, kernel_init=_zeros)
     self.compute_dtype, self.norm_implementation = dtype, norm_implementation
 
-  def __call__(self, x, c, mod=None):
-    """mod: the adaLN output (..., 2 W) when the caller computed it (DiTHead's merged adaLN); else from c."""
-    if mod is None:
-      mod = self.adaln(nnx.silu(c))
-    _, y = modulated_layer_norm(x, mod, shift=0, scale=1, out_dtype=self.compute_dtype,
+  def __call__(self, x, c):
+    _, y = modulated_layer_norm(x, self.adaln(nnx.silu(c)), shift=0, scale=1, out_dtype=self.compute_dtype,
                                 implementation=self.norm_implementation)
     return _f32(self.linear(y))
 
@@ -193,11 +189,8 @@ class DiTBlock(nnx.Module):
     self.adaln = dense(width, 6 * width, ("embed", "mlp"), rngs=rngs, dtype=dtype, kernel_init=_zeros)
     self.compute_dtype, self.norm_implementation = dtype, norm_implementation
 
-  def __call__(self, x, c, mod=None):
-    """mod: this block's adaLN output (..., 6 W) when the caller computed it (DiTHead's merged adaLN); else
-    computed here from c. Chunks: shift, scale, gate for the attention, then for the MLP."""
-    if mod is None:
-      mod = self.adaln(nnx.silu(c))
+  def __call__(self, x, c):
+    mod = self.adaln(nnx.silu(c))  # (..., 6 W): shift, scale, gate for the attention, then for the MLP
     norm = functools.partial(modulated_layer_norm, out_dtype=self.compute_dtype,
                              implementation=self.norm_implementation)
     _, y = norm(x, mod, shift=0, scale=1)
@@ -257,29 +250,12 @@ class DiTHead(nnx.Module):
     computes it once per decoder map and reuses it at every diffusion step (z does not change within a loop)."""
     return _f32(self.c_embedder(z))
 
-  def adaln_weights(self):
-    """(kernel (W, depth * 6W + 2W), bias) of every block's adaLN and the final layer's side by side, in the
-    layers' current dtypes: all of them read SiLU(c), so one matmul computes a pass's modulations (denoise)."""
-    layers = [block.adaln for block in self.blocks] + [self.final_layer.adaln]
-    return (jnp.concatenate([layer.kernel[...] for layer in layers], axis=1),
-            jnp.concatenate([layer.bias[...] for layer in layers]))
-
-  def denoise(self, x, t, z_emb, adaln=None):
-    """The head's output from z_emb = embed_condition(z) (what __call__ computes after embedding z).
-
-    adaln: adaln_weights(), for inference: the modulations of every block and of the final layer come from one
-    (N, L, W) x (W, depth * 6W + 2W) matmul instead of depth + 1 narrower ones (the samplers concatenate the
-    weights once, before their diffusion loop). The blocks then run unrolled, without remat."""
+  def denoise(self, x, t, z_emb):
+    """The head's output from z_emb = embed_condition(z) (what __call__ computes after embedding z)."""
     h = _f32(self.x_embedder(x)) + self.pos_embed()[None]
     c = constrain(self.t_embedder(t)[:, None, :] + z_emb)
-    if adaln is None:
-      h = run_blocks(self.blocks, h, self.remat, c, scan=self.scan_blocks)
-      return constrain(self.final_layer(h, c))
-    mods = linear_with(self.final_layer.adaln, nnx.silu(c), *adaln)
-    width = 6 * self.width
-    for i, block in enumerate(self.blocks):
-      h = constrain(block(constrain(h), c, mod=mods[..., i * width:(i + 1) * width]))
-    return constrain(self.final_layer(h, c, mod=mods[..., len(self.blocks) * width:]))
+    h = run_blocks(self.blocks, h, self.remat, c, scan=self.scan_blocks)
+    return constrain(self.final_layer(h, c))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -384,14 +360,6 @@ def mlp_head_sample(head: MlpHead, diffusion: GaussianDiffusion, z, *, cfg_scale
   return diffusion.p_sample_loop(model_fn, x_init, key=loop_key, step_noise=step_noise, temperature=temperature)
 
 
-def dit_denoiser(head: DiTHead, z):
-  """(denoise(x, t, z_emb), z_emb) as the DiT samplers run the head: the loop-invariant work done once, before
-  the diffusion loop (once per decoder map, not per step): the weight casts, the condition embedding and the
-  concatenation of every adaLN weight (DiTHead.adaln_weights: one modulation matmul per pass)."""
-  head = with_compute_dtype_kernels(head)
-  return functools.partial(head.denoise, adaln=head.adaln_weights()), head.embed_condition(z)
-
-
 def dit_head_sample(head: DiTHead, diffusion: GaussianDiffusion, z, *, known, predict_mask, cfg_scale=None,
                     temperature=1.0, key=None, noise=None, step_noise=None, method: str = "ddpm"):
   """Samples the whole token map with RePaint re-imposition of known tokens (Hi-MAR phase 2): (B, L, C).
@@ -407,9 +375,11 @@ def dit_head_sample(head: DiTHead, diffusion: GaussianDiffusion, z, *, known, pr
   if known.shape != shape or predict_mask.shape != shape[:2]:
     raise ValueError(f"known must be {shape} and predict_mask {shape[:2]} for z {z.shape}; got "
                      f"{known.shape} and {predict_mask.shape}.")
-  denoise, z_emb = dit_denoiser(head, z)
-  model_fn = ((lambda x, t: denoise(x, t, z_emb)) if cfg_scale is None
-              else _guided(denoise, z_emb, cfg_scale, head.in_channels))
+  # The weight casts and the condition embedding are hoisted out of the diffusion loop (once per map, not per step).
+  head = with_compute_dtype_kernels(head)
+  z_emb = head.embed_condition(z)
+  model_fn = ((lambda x, t: head.denoise(x, t, z_emb)) if cfg_scale is None
+              else _guided(head.denoise, z_emb, cfg_scale, head.in_channels))
   if method not in ("ddpm", "ddim"):
     raise ValueError(f"DiT head sampling method={method!r} is not one of 'ddpm', 'ddim'.")
   x_init, loop_key = _start(shape, key, noise, step_noise, noiseless=method == "ddim")

@@ -41,14 +41,6 @@ def with_compute_dtype_kernels(module: nnx.Module) -> nnx.Module:
   return copy
 
 
-def linear_with(linear: nnx.Linear, x, kernel, bias):
-  """x @ kernel (+ bias) computed as `linear` computes itself (its dtype promotion and precision), for a kernel and
-  bias derived from its own (a slice, a folded bias, several layers' kernels side by side)."""
-  x, kernel, bias = linear.promote_dtype((x, kernel, bias), dtype=linear.dtype)
-  y = linear.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=linear.precision)
-  return y if bias is None else y + bias
-
-
 def layer_norm(features: int, *, rngs: nnx.Rngs, epsilon: float = 1e-6, affine: bool = True) -> nnx.LayerNorm:
   """LayerNorm computed in float32 (PyTorch eps convention: added to the variance)."""
   return nnx.LayerNorm(features, epsilon=epsilon, use_bias=affine, use_scale=affine, dtype=jnp.float32,

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from himar_jax.nn.attention import dot_product_attention
-from himar_jax.nn.layers import DEFAULT_COMPUTE_DTYPE, Dropout, Mlp, dense, layer_norm, linear_with
+from himar_jax.nn.layers import DEFAULT_COMPUTE_DTYPE, Dropout, Mlp, dense, layer_norm
 from himar_jax.parallel.sharding import constrain
 
 
@@ -125,6 +125,14 @@ def scan_stack(graphdef, stacked, x, per_block, call, policy: str, *operands):
   return x
 
 
+def _linear(linear: nnx.Linear, x, kernel, bias):
+  """x @ kernel (+ bias) computed as `linear` computes itself (its dtype promotion and precision), for a kernel and
+  bias derived from its own (a slice, a folded bias)."""
+  x, kernel, bias = linear.promote_dtype((x, kernel, bias), dtype=linear.dtype)
+  y = linear.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=linear.precision)
+  return y if bias is None else y + bias
+
+
 class SelfAttention(nnx.Module):
   """Multi-head self-attention with a fused qkv projection laid out (3, heads, head_dim) as timm's.
 
@@ -152,7 +160,7 @@ class SelfAttention(nnx.Module):
     d = x.shape[-1]
     kernel = self.qkv.kernel[...][:, index * d:(index + 1) * d]
     bias = None if self.qkv.bias is None or not use_bias else self.qkv.bias[...][index * d:(index + 1) * d]
-    return linear_with(self.qkv, x, kernel, bias)
+    return _linear(self.qkv, x, kernel, bias)
 
   def __call__(self, x, *, key_mask=None, rngs: nnx.Rngs | None = None):
     """x (B, L, D); key_mask (B, L) True where a token may be attended to."""
@@ -175,7 +183,7 @@ class SelfAttention(nnx.Module):
     v_bias = self.qkv.bias[...][2 * d:].astype(jnp.float32)
     bias = proj.bias[...].astype(jnp.float32) + jnp.dot(v_bias, kernel.astype(jnp.float32),
                                                         precision=jax.lax.Precision.HIGHEST)
-    return linear_with(proj, out, kernel, bias)
+    return _linear(proj, out, kernel, bias)
 
 
 class Block(nnx.Module):
