@@ -92,7 +92,8 @@ def main():
       "sample_kwargs": {k: v for k, v in kwargs.items()},
       "dit_sampling_steps": kwargs.get("dit_sampling_steps", config.model.get("dit_sampling_steps")),
       "mlp_sampling_steps": kwargs.get("num_sampling_steps", config.model.num_sampling_steps),
-      "first_call_s (compile + run)": first_s, "batch_s": batch_s, "s_per_image": batch_s / args.batch,
+      "first_call_s (compile + run)": first_s, "batch_s": batch_s, "batch_s_each": times,
+      "s_per_image": batch_s / args.batch,
       "peak_memory_gib": stats.get("peak_bytes_in_use", float("nan")) / 2 ** 30,
       "output_shape": list(out.shape), "finite": bool(jnp.all(jnp.isfinite(out))),
   }
