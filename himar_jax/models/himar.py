@@ -251,22 +251,19 @@ class MAR(nnx.Module):
                    rngs=rngs, scan=self.scan_blocks)
     return self.encoder_norm(x), idx, valid
 
-  def visible_capacities(self, fixed: int = 0, buckets: int | None = None, total: int | None = None
-                         ) -> tuple[int, ...]:
-    """Encoder capacities for sequences whose visible count ranges over [fixed, total] (default total = S):
-    k = `buckets` (default `encoder_buckets`) steps (fixed + j (total - fixed) / k, the last = total)."""
-    k, s = buckets or self.encoder_buckets, total or self.seq_len
+  def visible_capacities(self, fixed: int = 0, buckets: int | None = None) -> tuple[int, ...]:
+    """Encoder capacities for sequences whose visible count ranges over [fixed, S]: k = `buckets` (default
+    `encoder_buckets`) steps (fixed + j (S - fixed) / k, the last = S)."""
+    k, s = buckets or self.encoder_buckets, self.seq_len
     return tuple(sorted({fixed + ((s - fixed) * j) // k for j in range(1, k + 1)}))
 
   def encode_bucketed(self, x, mask, class_emb, capacities, *, phase: int = 0, rngs=None):
     """encode() at the smallest of `capacities` (ascending, the last = S) that holds every row's visible tokens,
     picked at run time with lax.switch: each capacity is compiled once and only the chosen one runs, so a batch
-    with few visible tokens does not pay for the full sequence. Outputs are padded to the largest capacity
-    (invalid positions); a row with more visible tokens than that would lose some, so callers pass S last unless
-    fewer positions can be visible (Hi-MAR's phase 1: only the pivots)."""
+    with few visible tokens does not pay for the full sequence. Outputs are padded to S positions (invalid)."""
     if len(capacities) == 1:
       return self.encode(x, mask, class_emb, capacities[0], phase=phase, rngs=rngs)
-    s = capacities[-1]
+    s = self.seq_len
     key = None if rngs is None else rngs.dropout()
 
     def branch(cap):
@@ -723,8 +720,7 @@ class HiMAR(MAR):
       full_mask = jnp.concatenate([mask, jnp.ones((b, n), bool)], axis=1)
       if cfg1:
         x, full_mask = twice(x), twice(full_mask)
-      # Only pivots can be visible: the encoder runs at the smallest pivot capacity that holds this step's.
-      h, idx, valid = self.encode_bucketed(x, full_mask, class1, self.visible_capacities(total=p), phase=0)
+      h, idx, valid = self.encode(x, full_mask, class1, p, phase=0)
       z = self.decode(h, idx, valid, phase=0)[:, :p]
       small_z = jnp.where(to_pred[..., None], z[:b], small_z)
       step_noise = None if noise is None else (noise["low_init"][k], noise["low_steps"][k])
