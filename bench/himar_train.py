@@ -44,6 +44,7 @@ def main():
   p.add_argument("--peak_tflops", type=float, default=989.0)
   p.add_argument("--out", default=None)
   p.add_argument("--remat", default=None, help="config.model.remat override: none | dots | full")
+  p.add_argument("--dit_remat", default=None, help="config.model.dit_remat override: same | none | dots | full")
   p.add_argument("--scan_blocks", type=int, default=None, help="config.model.scan_blocks override: 0 | 1")
   p.add_argument("--dropout_rng", default=None, help="config.model.dropout_rng override: threefry | rbg")
   p.add_argument("--buckets", type=int, default=None, help="config.model.encoder_buckets override")
@@ -68,6 +69,8 @@ def main():
     config.model.fused_norm = bool(args.fused_norm)
   if args.fused_mlp is not None:
     config.model.fused_mlp = bool(args.fused_mlp)
+  if args.dit_remat is not None:
+    config.model.dit_remat = args.dit_remat
   if args.scan_blocks is not None:
     config.model.scan_blocks = bool(args.scan_blocks)
   if args.dropout_rng is not None:
@@ -99,6 +102,7 @@ def main():
   mem = compiled.memory_analysis()
   if args.compile_only:
     print(json.dumps({"variant": args.variant, "batch": args.batch, "remat": config.model.get("remat", "none"),
+                      "dit_remat": config.model.get("dit_remat", "same"),
                       "scan_blocks": config.model.get("scan_blocks", False),
                       "buckets": config.model.encoder_buckets, "compile_s": round(compile_s, 1),
                       "temp_gib": mem.temp_size_in_bytes / 2 ** 30,
@@ -132,7 +136,8 @@ def main():
       "peak_memory_gib": stats.get("peak_bytes_in_use", float("nan")) / 2 ** 30,
       "compiled_temp_gib": getattr(mem, "temp_size_in_bytes", float("nan")) / 2 ** 30,
       "compiled_argument_gib": getattr(mem, "argument_size_in_bytes", float("nan")) / 2 ** 30,
-      "remat": config.model.get("remat", "none"), "encoder_buckets": config.model.encoder_buckets,
+      "remat": config.model.get("remat", "none"), "dit_remat": config.model.get("dit_remat", "same"),
+      "encoder_buckets": config.model.encoder_buckets,
       "train_encoder_buckets": config.model.get("train_encoder_buckets", config.model.encoder_buckets),
       "dropout_rng": config.model.get("dropout_rng", "threefry"),
       "scan_blocks": config.model.get("scan_blocks", False),

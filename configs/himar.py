@@ -66,6 +66,9 @@ def _model(family: str, size: str) -> ml_collections.ConfigDict:
   m.train_encoder_buckets = 1
   # Activation checkpointing of every backbone / DiT block: none | dots (keep matmul outputs) | full.
   m.remat = "none"
+  # The DiT head's blocks' own: same (as remat) | none | dots | full (bench/notes.md v9: the memory / speed
+  # trade-off of each part of Hi-MAR-B's training step).
+  m.dit_remat = "same"
   # One lax.scan per block stack (same params, same result; compiles in a fraction of the time).
   m.scan_blocks = False
   # Dropout mask bits: threefry (JAX's default), rbg (XLA's RngBitGenerator) or hash (a counter hash of each

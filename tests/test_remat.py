@@ -13,9 +13,10 @@ from himar_jax.nn.transformer import REMAT_POLICIES, call_checkpointed, check_re
 
 
 @functools.lru_cache(maxsize=None)  # the plain run is shared by the tests below (each is one CPU compile)
-def _loss_and_grads(remat: str, buckets: int, dropout: float = 0.1, scan: bool = False):
+def _loss_and_grads(remat: str, buckets: int, dropout: float = 0.1, scan: bool = False, dit_remat: str = "same"):
   config = get_config("himar_tiny")
   config.model.remat = remat
+  config.model.dit_remat = dit_remat
   config.model.scan_blocks = scan
   config.model.train_encoder_buckets = buckets  # a 2-way switch in training: its branches are checkpointed too
   config.model.dropout = dropout  # dropout on: the recomputation must reuse the same masks
@@ -49,6 +50,26 @@ def test_remat_policies_give_the_plain_gradients(remat):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=1e-7)
   # Every parameter but the unused ones gets a gradient, the backbone's included.
   assert sum(float(jnp.abs(g).max()) > 0 for g in flat0) > 0.9 * len(flat0)
+
+
+def test_dit_head_remat_is_its_own_and_changes_no_number():
+  """config.model.dit_remat: the DiT head checkpointed on its own (here full, the backbone not at all) gives the
+  plain loss and gradients; 'same' follows remat; a bad value is named with the fix."""
+  config = get_config("himar_tiny")
+  config.model.remat, config.model.dit_remat = "none", "full"
+  model = models.model_fn(config)(nnx.Rngs(0))
+  assert (model.remat, model.dit_head.remat) == ("none", "full")
+  config.model.remat, config.model.dit_remat = "dots", "same"
+  model = models.model_fn(config)(nnx.Rngs(0))
+  assert (model.remat, model.dit_head.remat) == ("dots", "dots")
+  config.model.dit_remat = "some"
+  with pytest.raises(ValueError, match=r"dit_remat='some' is not 'same' \(the backbone's remat\) or one of"):
+    models.model_fn(config)
+  loss0, grads0 = _loss_and_grads("none", 2)
+  loss1, grads1 = _loss_and_grads("none", 2, dit_remat="full")
+  np.testing.assert_allclose(loss1, loss0, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads0), jax.tree.leaves(grads1)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=1e-7)
 
 
 def test_scanned_blocks_give_the_unrolled_loss_and_gradients():

@@ -34,7 +34,7 @@ from himar_jax.diffusion.gaussian import create_diffusion
 from himar_jax.models import heads
 from himar_jax.nn.indexing import lookup_rows, scatter_rows
 from himar_jax.nn.layers import DROPOUT_RNGS, dense, dropout_bits_for, dropout_rngs, embed, layer_norm, with_axes
-from himar_jax.nn.transformer import Block, call_checkpointed, check_remat, run_blocks
+from himar_jax.nn.transformer import REMAT_POLICIES, Block, call_checkpointed, check_remat, run_blocks
 
 _normal02 = nnx.initializers.normal(0.02)
 
@@ -550,7 +550,8 @@ class HiMAR(MAR):
                dit_heads: int, dit_mlp_ratio: float = 4.0, step_stage2_rate: float = 0.25,
                step_warmup_epochs: int = 100, steps_per_epoch: int = 1,
                phase_loss_weights: tuple[float, float] = (0.4, 0.6), dit_sampling_steps: str = "250",
-               fused_norm: bool = False, fused_mlp: bool = False, rngs: nnx.Rngs, dtype=jnp.bfloat16, **kwargs):
+               fused_norm: bool = False, fused_mlp: bool = False, dit_remat: str = "same", rngs: nnx.Rngs,
+               dtype=jnp.bfloat16, **kwargs):
     super().__init__(num_tokens=grid_size ** 2, token_dim=token_dim, num_phases=2, prefix_tokens=lowres_grid ** 2,
                      dtype=dtype, fused_mlp=fused_mlp, rngs=rngs, **kwargs)
     encoder_dim = self.z_proj.out_features
@@ -567,7 +568,8 @@ class HiMAR(MAR):
     self.cond_tokens = nnx.Param(with_axes(_normal02, (None, "length", None))(rngs.params(), (1, p, token_dim),
                                                                                jnp.float32))
     self.dit_head = heads.DiTHead(token_dim, decoder_dim, dit_width, dit_depth, dit_heads, grid_size=grid_size,
-                                  mlp_ratio=dit_mlp_ratio, learn_sigma=False, dtype=dtype, remat=self.remat,
+                                  mlp_ratio=dit_mlp_ratio, learn_sigma=False, dtype=dtype,
+                                  remat=self.remat if dit_remat == "same" else dit_remat,
                                   scan_blocks=self.scan_blocks, rngs=rngs,
                                   norm_implementation="pallas_gpu" if fused_norm else "xla", fused_mlp=fused_mlp)
 
@@ -828,6 +830,10 @@ def validate(config) -> None:
     _check_positive(m, "grid_size", "token_dim", "encoder_buckets")
   if m.family == "himar":
     _check_positive(m, "lowres_grid", "dit_width", "dit_depth", "dit_heads", "steps_per_epoch")
+    dit_remat = m.get("dit_remat", "same")
+    if dit_remat != "same" and dit_remat not in REMAT_POLICIES:
+      raise ValueError(f"config.model.dit_remat={dit_remat!r} is not 'same' (the backbone's remat) or one of "
+                       f"{sorted(REMAT_POLICIES)}.")
     if m.grid_size % m.lowres_grid:
       raise ValueError(f"config.model.lowres_grid={m.lowres_grid} must divide grid_size={m.grid_size} (the "
                        "pivots are the latents of the half-size image: 8 for 16).")
@@ -872,7 +878,7 @@ def himar_kwargs(m) -> dict:
               step_stage2_rate=m.step_stage2_rate, step_warmup_epochs=m.step_warmup_epochs,
               steps_per_epoch=m.steps_per_epoch, phase_loss_weights=tuple(m.phase_loss_weights),
               dit_sampling_steps=m.dit_sampling_steps, fused_norm=m.get("fused_norm", False),
-              **_backbone_kwargs(m))
+              dit_remat=m.get("dit_remat", "same"), **_backbone_kwargs(m))
 
 
 # Named sampler settings over a config's own (config.model.sampling_preset). "fast" is not the published sampler:
