@@ -44,6 +44,8 @@ def main():
                  "head's LayerNorm + modulation as one Pallas kernel, GPU only)")
   p.add_argument("--fused_mlp", type=int, default=None, help="config.model.fused_mlp override: 0 | 1 (1: the DiT "
                  "MLP's fc1 bias + GELU in the matmul epilogue, Hopper only)")
+  p.add_argument("--buckets", type=int, default=None, help="config.model.encoder_buckets override (phase-2 / MAR "
+                 "encoder capacities compiled as lax.switch branches)")
   p.add_argument("--out", default=None)
   args = p.parse_args()
 
@@ -53,6 +55,8 @@ def main():
     config.model.fused_norm = bool(args.fused_norm)
   if args.fused_mlp is not None:
     config.model.fused_mlp = bool(args.fused_mlp)
+  if args.buckets is not None:
+    config.model.encoder_buckets = args.buckets
   family = models.family_module(config)
   kwargs = family.sample_kwargs(config)
   if args.num_iter is not None:
@@ -88,7 +92,7 @@ def main():
       "command": "PYTHONPATH=. python " + " ".join(sys.argv),
       "device": jax.devices()[0].device_kind, "jax": jax.__version__, "variant": args.variant,
       "batch": args.batch, "sampling_preset": args.preset, "fused_norm": config.model.get("fused_norm"),
-      "fused_mlp": config.model.get("fused_mlp"),
+      "fused_mlp": config.model.get("fused_mlp"), "encoder_buckets": config.model.encoder_buckets,
       "sample_kwargs": {k: v for k, v in kwargs.items()},
       "dit_sampling_steps": kwargs.get("dit_sampling_steps", config.model.get("dit_sampling_steps")),
       "mlp_sampling_steps": kwargs.get("num_sampling_steps", config.model.num_sampling_steps),
