@@ -5,7 +5,7 @@
 The Hi-MAR-B sampling profile (bench/notes.md, v5) shows ~1 ms per decoder block for a fusion on the MLP's hidden
 activations (256 maps x 384 tokens x 3072, bfloat16): five times the bytes floor. This times the candidates on that
 shape: jax.nn.gelu(approximate=False) in bfloat16 (what the backbone ran), the same computed in float32 and cast
-back, the tanh approximation (not the official model's; for scale), nn.layers.gelu_erf (what the backbone runs
+back, the tanh approximation (not the official model's; for scale), nn.activations.gelu_erf (what the backbone runs
 now), and the whole fc1 -> GELU -> fc2 with each. Each
 row: ms per call (median of repeats of back-to-back calls), the bytes floor (read + write bf16) and the largest
 difference from a float64 NumPy GELU of the same bfloat16 inputs (absolute, and relative where |GELU| >= 1e-3).
@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.report import report  # noqa: E402
 from bench.timing import time_ms  # noqa: E402
-from himar_jax.nn.layers import gelu_erf  # noqa: E402
+from himar_jax.nn.activations import gelu_erf  # noqa: E402
 
 VARIANTS = {
     "exact_bf16": lambda x: jax.nn.gelu(x, approximate=False),

@@ -371,10 +371,12 @@ def test_samplers_cast_the_kernels_once_outside_the_diffusion_loop(kind):
   assert all(layer.kernel.get_value().dtype == jnp.float32 for _, layer in nnx.iter_modules(head)
              if isinstance(layer, nnx.Linear))  # the original is untouched
   # The casts are the ones each layer does at every call: the copy's outputs equal the head's bit for bit (every
-  # kernel random, so the zero-initialised layers do not hide a difference).
+  # kernel and bias random, so neither the zero-initialised layers nor the attention's folded v bias hide a
+  # difference).
   for i, (_, layer) in enumerate(nnx.iter_modules(head)):
     if isinstance(layer, nnx.Linear):
       layer.kernel.set_value(0.3 * jax.random.normal(jax.random.key(i), layer.kernel.get_value().shape))
+      layer.bias.set_value(0.1 * jax.random.normal(jax.random.key(100 + i), layer.bias.get_value().shape))
   copy = layers.with_compute_dtype_kernels(head)
   if kind == "mlp":
     args = (jax.random.normal(jax.random.key(7), (6, 4)), jnp.arange(6), z)

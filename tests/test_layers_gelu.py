@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from himar_jax.nn.layers import gelu_erf
+from himar_jax.nn.activations import gelu_erf
 
 
 def _gelu64(x):

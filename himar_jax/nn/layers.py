@@ -9,7 +9,7 @@ import numpy as np
 from flax import nnx
 
 from himar_jax.kernels import fused_dense
-from himar_jax.nn.activations import gelu_erf  # noqa: F401 (re-exported: the Mlp's exact GELU)
+from himar_jax.nn.activations import gelu_erf
 
 DEFAULT_COMPUTE_DTYPE = jnp.bfloat16
 

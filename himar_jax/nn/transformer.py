@@ -174,14 +174,19 @@ class SelfAttention(nnx.Module):
     return self.drop(self._project_out(out), deterministic=rngs is None, rngs=rngs)
 
   def _project_out(self, out):
-    """self.proj(out + b_v): the output projection with v's bias folded into its bias (float32, rounded once)."""
+    """self.proj(out + b_v): the output projection with v's bias folded into its bias (float32, rounded once).
+
+    The fold maps b_v through the kernel as the layer's matmul sees it (rounded to its compute dtype, as b_v's
+    share of the output goes through it unfolded), so a kernel held in that dtype already
+    (nn/layers.with_compute_dtype_kernels) gives the same bias bit for bit."""
     if self.qkv.bias is None:
       return self.proj(out)
     d = out.shape[-1]
     proj = self.proj
     kernel = proj.kernel[...]
     v_bias = self.qkv.bias[...][2 * d:].astype(jnp.float32)
-    bias = proj.bias[...].astype(jnp.float32) + jnp.dot(v_bias, kernel.astype(jnp.float32),
+    compute_kernel = kernel if proj.dtype is None else kernel.astype(proj.dtype)
+    bias = proj.bias[...].astype(jnp.float32) + jnp.dot(v_bias, compute_kernel.astype(jnp.float32),
                                                         precision=jax.lax.Precision.HIGHEST)
     return _linear(proj, out, kernel, bias)
 
