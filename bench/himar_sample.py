@@ -26,6 +26,7 @@ from bench import trace_summary  # noqa: E402
 from bench.report import report  # noqa: E402
 from configs.himar import get_config  # noqa: E402
 from himar_jax import models  # noqa: E402
+from himar_jax.cli import enable_compilation_cache  # noqa: E402
 
 
 def main():
@@ -46,8 +47,11 @@ def main():
                  "MLP's fc1 bias + GELU in the matmul epilogue, Hopper only)")
   p.add_argument("--buckets", type=int, default=None, help="config.model.encoder_buckets override (phase-2 / MAR "
                  "encoder capacities compiled as lax.switch branches)")
+  p.add_argument("--compilation_cache", default="none", help="JAX persistent compilation cache folder (the CLI's "
+                 "--compilation_cache; default none here, so first_call_s is a compile)")
   p.add_argument("--out", default=None)
   args = p.parse_args()
+  enable_compilation_cache(args.compilation_cache)
 
   config = get_config(args.variant)
   config.model.sampling_preset = args.preset
@@ -93,6 +97,7 @@ def main():
       "device": jax.devices()[0].device_kind, "jax": jax.__version__, "variant": args.variant,
       "batch": args.batch, "sampling_preset": args.preset, "fused_norm": config.model.get("fused_norm"),
       "fused_mlp": config.model.get("fused_mlp"), "encoder_buckets": config.model.encoder_buckets,
+      "compilation_cache": args.compilation_cache,
       "sample_kwargs": {k: v for k, v in kwargs.items()},
       "dit_sampling_steps": kwargs.get("dit_sampling_steps", config.model.get("dit_sampling_steps")),
       "mlp_sampling_steps": kwargs.get("num_sampling_steps", config.model.num_sampling_steps),

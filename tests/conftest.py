@@ -7,6 +7,7 @@ _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ["HIMAR_JAX_COMPILATION_CACHE"] = "none"  # CLI tests in this process leave the user's cache alone
 
 import jax  # noqa: E402  (must come after the environment is set)
 

@@ -84,3 +84,41 @@ def test_sampling_is_deterministic_per_sample(fake_fashion_mnist, tmp_path):
   # A later chunk of the same stream: samples 8..15 drawn on their own equal those drawn with the rest.
   d = sample_batches(restored, labels[8:], seed=5, batch_size=8, start_index=8, **kwargs)
   np.testing.assert_allclose(d, a[8:], atol=1e-5)
+
+
+def test_compilation_cache_writes_and_reuses_programs(tmp_path):
+  """--compilation_cache: the first process compiles and writes the program to the folder, a second one with the
+  same program loads it from there (a cache hit) and writes nothing."""
+  cache = tmp_path / "cache"
+  script = ("import sys, jax, jax.numpy as jnp\n"
+            "from himar_jax.cli import enable_compilation_cache\n"
+            "events = []\n"
+            "jax.monitoring.register_event_listener(lambda name, **_: events.append(name))\n"
+            "assert enable_compilation_cache(sys.argv[1], min_compile_secs=0.0) == sys.argv[1]\n"
+            "print(float(jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((64, 64))).sum()))\n"
+            "print(sum(e.endswith('/cache_hits') for e in events), sum(e.endswith('/cache_misses') for e in events))\n")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  runs = []
+  for _ in range(2):
+    runs.append(subprocess.run([sys.executable, "-c", script, str(cache)], cwd=REPO, env=env, capture_output=True,
+                               text=True, timeout=300))
+    assert runs[-1].returncode == 0, runs[-1].stderr[-2000:]
+    if len(runs) == 1:
+      entries = sorted(os.listdir(cache))
+  first, second = (run.stdout.split("\n") for run in runs)
+  assert first[0] == second[0]  # the same result
+  assert first[1].split()[0] == "0" and first[1].split()[1] != "0"  # compiled: misses, no hits
+  assert second[1].split()[0] != "0"  # loaded from the folder
+  assert entries and sorted(os.listdir(cache)) == entries
+
+
+def test_compilation_cache_off_and_bad_folder(tmp_path):
+  from absl import app
+
+  from himar_jax.cli import enable_compilation_cache
+  assert enable_compilation_cache("none") is None and enable_compilation_cache("") is None
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  with pytest.raises(app.UsageError, match=r"--compilation_cache=.*a_file/cache: cannot create the folder.*"
+                                           r"--compilation_cache=none"):
+    enable_compilation_cache(str(blocker / "cache"))
