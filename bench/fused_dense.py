@@ -1,15 +1,12 @@
-"""The fused-epilogue Mosaic GPU kernels against XLA (cuBLAS matmul, then an elementwise kernel), on one GPU:
-fc1 + bias + GELU (kernels/fused_dense.dense_gelu) and fc2 + bias + gated residual (dense_gated_residual).
+"""fc1 + bias + GELU: the fused-epilogue Mosaic GPU kernel against XLA (cuBLAS matmul, then an elementwise
+kernel), on one GPU.
 
   PYTHONPATH=. python bench/fused_dense.py --out=bench/results/fused_dense_h100.json
   PYTHONPATH=. python bench/fused_dense.py --gelu=exact --rows=98304 --shapes=768x3072 --configs=128:128:64:3
-  PYTHONPATH=. python bench/fused_dense.py --epilogue=gated_residual --shapes=2048x512 --configs=128:64:64:3
 
 Shapes: with --gelu=tanh (default) the Hi-MAR DiT head's MLP at sampling batch 256 (256 maps x 256 tokens = 65536
 rows, 512 -> 2048 for B / L; 768 -> 3072 for H); with --gelu=exact the backbone's (Hi-MAR-B decoder at sampling
-batch 256: 256 x 384 = 98304 rows, 768 -> 3072); with --epilogue=gated_residual the DiT MLP's fc2 (2048 -> 512)
-with the residual x + gate * fc2(h), the gate a column window of a (rows, 6 N) adaLN output. Rows per case: ms
-per call (median of repeats of back-to-back calls, rotating input sets), the
+batch 256: 256 x 384 = 98304 rows, 768 -> 3072). Rows per case: ms per call (median of repeats of back-to-back calls, rotating input sets), the
 matmul alone (cuBLAS, bfloat16 output: the floor of the unfused path's first kernel), and the errors of both paths
 against a float32 evaluation of the same bfloat16 operands (relative Frobenius norm).
 """
@@ -40,11 +37,9 @@ def main():
   p.add_argument("--rows", type=int, default=256 * 256)
   p.add_argument("--shapes", default="512x2048,768x3072", help="K x N pairs")
   p.add_argument("--configs", default="128:128:64:3,128:128:64:3:1,128:128:64:2,128:128:64:2:1,128:64:64:4:1",
-                 help="tile_m:tile_n:tile_k:stages[:tanh[:cluster_n]] of the fused kernel (gated_residual: "
-                 "tile_m:tile_n:tile_k:stages[:cluster_n])")
+                 help="tile_m:tile_n:tile_k:stages[:tanh] of the fused kernel")
   p.add_argument("--gelu", default="tanh", choices=("tanh", "exact"), help="the GELU form (DiT: tanh; backbone: "
                  "exact)")
-  p.add_argument("--epilogue", default="gelu", choices=("gelu", "gated_residual"))
   p.add_argument("--iters", type=int, default=50)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--out", default=None)
@@ -53,9 +48,6 @@ def main():
   approximate = args.gelu == "tanh"
   for shape in args.shapes.split(","):
     k, n = (int(v) for v in shape.split("x"))
-    if args.epilogue == "gated_residual":
-      rows += _gated_residual_rows(args, k, n)
-      continue
     sets = []
     for i in range(2):
       kx, kw, kb = jax.random.split(jax.random.key(1000 * k + i), 3)
@@ -74,9 +66,8 @@ def main():
     rows.append({**base, "method": "cublas_matmul_only", "ms": time_ms(matmul_only, sets, args.iters, args.repeats)})
     print(rows[-2], rows[-1], flush=True)
     for spec in filter(None, args.configs.split(",")):
-      fields = [int(v) for v in spec.split(":")]
-      tm, tn, tk, st, tanh, cluster = fields + [0, 1][len(fields) - 4:]  # tanh 0 and cluster_n 1 unless given
-      config = fused_dense.TileConfig(tm, tn, tk, st, bool(tanh), cluster)
+      tm, tn, tk, st, tanh = (int(v) for v in (spec + ":0").split(":")[:5])
+      config = fused_dense.TileConfig(tm, tn, tk, st, bool(tanh))
       row = {**base, "method": f"fused_{spec}"}
       try:
         fn = jax.jit(lambda x, w, b, config=config: fused_dense.dense_gelu(x, w, b, approximate=approximate,
@@ -89,48 +80,6 @@ def main():
       print(row, flush=True)
   report({"command": "PYTHONPATH=. python " + " ".join(sys.argv), "device": jax.devices()[0].device_kind,
           "jax": jax.__version__, "rows": rows}, args.out)
-
-
-def _gated_residual_rows(args, k, n):
-  """The DiT MLP's fc2 with its gated residual: XLA (cuBLAS, then the residual pass) vs the kernel's configs."""
-  gate_col = 5 * n
-  sets = []
-  for i in range(2):
-    kh, kw, kb, kr, km = jax.random.split(jax.random.key(1000 * k + i), 5)
-    sets.append((jax.random.normal(kh, (args.rows, k), jnp.float32).astype(jnp.bfloat16),
-                 jax.random.normal(kw, (k, n), jnp.float32) * k ** -0.5,
-                 jax.random.normal(kb, (n,), jnp.float32) * 0.1,
-                 jax.random.normal(kr, (args.rows, n), jnp.float32),
-                 jax.random.normal(km, (args.rows, 6 * n), jnp.float32).astype(jnp.bfloat16)))
-  h, w, b, r, m = sets[0]
-  gate_bias = jax.random.normal(jax.random.key(k), (n,), jnp.float32) * 0.1
-  with jax.default_matmul_precision("float32"):
-    exact = jax.jit(lambda h, w, b, r, m: fused_dense.gated_residual_reference(
-        h.astype(jnp.float32), w.astype(jnp.bfloat16).astype(jnp.float32), b, r, m, gate_col,
-        gate_bias))(h, w, b, r, m)
-  # errors of the new residual's increment r_new - r (the residual itself is exact in every path)
-  err = lambda out: rel_err(np.asarray(out) - np.asarray(r), np.asarray(exact) - np.asarray(r))
-  xla = jax.jit(lambda *a: fused_dense.gated_residual_unfused(*a, gate_col, gate_bias))
-  matmul_only = jax.jit(lambda h, w, *_: jnp.dot(h, w.astype(h.dtype)))
-  base = {"rows": args.rows, "k": k, "n": n, "epilogue": "gated_residual"}
-  out = [{**base, "method": "xla_unfused", "ms": time_ms(xla, sets, args.iters, args.repeats),
-          "rel_err": err(xla(*sets[0]))},
-         {**base, "method": "cublas_matmul_only", "ms": time_ms(matmul_only, sets, args.iters, args.repeats)}]
-  print(out[0], out[1], flush=True)
-  for spec in filter(None, args.configs.split(",")):
-    tm, tn, tk, st, cluster = (int(v) for v in (spec + ":1").split(":")[:5])
-    config = fused_dense.TileConfig(tm, tn, tk, st, cluster_n=cluster)
-    row = {**base, "method": f"fused_{spec}"}
-    try:
-      fn = jax.jit(lambda *a, config=config: fused_dense.dense_gated_residual(*a, gate_col, gate_bias,
-                                                                              config=config))
-      row["rel_err"] = err(fn(*sets[0]))
-      row["ms"] = time_ms(fn, sets, args.iters, args.repeats)
-    except Exception as e:  # reported, and the other settings go on
-      row["error"] = f"{type(e).__name__}: {str(e)[:800]}"
-    out.append(row)
-    print(row, flush=True)
-  return out
 
 
 if __name__ == "__main__":

@@ -27,8 +27,7 @@ from flax import nnx
 
 from himar_jax.diffusion import GaussianDiffusion
 from himar_jax.kernels.modulated_norm import modulated_layer_norm
-from himar_jax.nn.layers import (DEFAULT_COMPUTE_DTYPE, Mlp, dense, layer_norm, linear_parts,
-                                  with_compute_dtype_kernels)
+from himar_jax.nn.layers import DEFAULT_COMPUTE_DTYPE, Mlp, dense, layer_norm, with_compute_dtype_kernels
 from himar_jax.nn.transformer import SelfAttention, check_remat, run_blocks
 from himar_jax.parallel.sharding import constrain
 
@@ -191,22 +190,13 @@ class DiTBlock(nnx.Module):
     self.compute_dtype, self.norm_implementation = dtype, norm_implementation
 
   def __call__(self, x, c):
-    width = x.shape[-1]
-    # (..., 6 W): shift, scale, gate for the attention, then for the MLP. With the fused MLP the gate's bias stays
-    # apart: fc2's epilogue adds it and reads the matmul output in place, and XLA fuses the sum into the norms
-    # instead of writing it for the kernel alone (bench/notes.md v10).
-    if self.mlp.fused_gelu:
-      mod_matmul, mod_bias = linear_parts(self.adaln, nnx.silu(c))
-      mod = mod_matmul + mod_bias
-      gate_src, gate_bias = mod_matmul, mod_bias[5 * width:]
-    else:
-      mod = self.adaln(nnx.silu(c))
-      gate_src, gate_bias = mod, None
+    mod = self.adaln(nnx.silu(c))  # (..., 6 W): shift, scale, gate for the attention, then for the MLP
     norm = functools.partial(modulated_layer_norm, out_dtype=self.compute_dtype,
                              implementation=self.norm_implementation)
     _, y = norm(x, mod, shift=0, scale=1)
     x, y = norm(x, mod, shift=3, scale=4, h=self.attn(y), gate=2)
-    return self.mlp.gated_residual(x, y, gate_src, gate_col=5 * width, gate_bias=gate_bias)
+    gate_mlp = mod[..., 5 * x.shape[-1]:]
+    return x + _f32(gate_mlp) * _f32(self.mlp(y))
 
 
 class DiTHead(nnx.Module):

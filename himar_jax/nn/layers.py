@@ -27,15 +27,6 @@ def dense(in_features: int, out_features: int, axes: Sequence[str | None], *, rn
                     rngs=rngs)
 
 
-def linear_parts(layer: nnx.Linear, x):
-  """(x @ kernel, bias) of an nnx.Linear with a bias, both in its compute dtype: their sum is layer(x) bit for bit.
-  For a consumer that adds the bias itself (a fused epilogue reading the matmul output in place): XLA then fuses
-  the sum into the other consumers instead of writing it for that one."""
-  dtype = layer.dtype or x.dtype
-  x, kernel = x.astype(dtype), layer.kernel[...].astype(dtype)
-  return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ()))), layer.bias[...].astype(dtype)
-
-
 def with_compute_dtype_kernels(module: nnx.Module) -> nnx.Module:
   """A copy of `module` (same arrays, new module objects) whose nnx.Linear kernels are held in their layer's
   compute dtype: what every call casts them to, so the layers compute exactly what they did. For sampling loops:
@@ -155,8 +146,8 @@ class Mlp(nnx.Module):
     # No Rngs stored in modules: randomness comes in at call time, so models hold parameters only.
     self.drop = Dropout(dropout, bits=dropout_bits)
 
-  def hidden(self, x, *, rngs: nnx.Rngs | None = None):
-    """fc1 -> GELU -> dropout: what fc2 takes."""
+  def __call__(self, x, *, rngs: nnx.Rngs | None = None):
+    """Dropout is active iff `rngs` is given (training)."""
     h = None
     if self.fused_gelu:
       h = fused_dense.fused_or_none(x.astype(self.fc1.dtype), self.fc1.kernel[...], self.fc1.bias[...],
@@ -164,22 +155,5 @@ class Mlp(nnx.Module):
     if h is None:
       h = self.fc1(x)
       h = nnx.gelu(h, approximate=True) if self.approximate_gelu else gelu_erf(h)
-    return self.drop(h, deterministic=rngs is None, rngs=rngs)
-
-  def __call__(self, x, *, rngs: nnx.Rngs | None = None):
-    """Dropout is active iff `rngs` is given (training)."""
-    return self.drop(self.fc2(self.hidden(x, rngs=rngs)), deterministic=rngs is None, rngs=rngs)
-
-  def gated_residual(self, residual, x, modulation, gate_col: int, gate_bias=None):
-    """residual + gate * self(x) in float32 (no dropout: the DiT blocks'), gate = modulation[..., gate_col :
-    gate_col + features] (+ gate_bias, added in modulation's dtype). With fused_gelu, fc2's bias, the gate and the
-    residual go into fc2's epilogue too (kernels/fused_dense.dense_gated_residual) where that kernel runs, at
-    inference."""
-    h = self.hidden(x)
-    if self.fused_gelu:
-      out = fused_dense.gated_residual_or_none(h.astype(self.fc2.dtype), self.fc2.kernel[...], self.fc2.bias[...],
-                                               residual, modulation, gate_col, gate_bias)
-      if out is not None:
-        return out
-    gate = fused_dense.gate_window(modulation, gate_col, self.fc2.out_features, gate_bias)
-    return residual + gate.astype(jnp.float32) * self.fc2(h).astype(jnp.float32)
+    h = self.drop(h, deterministic=rngs is None, rngs=rngs)
+    return self.drop(self.fc2(h), deterministic=rngs is None, rngs=rngs)
