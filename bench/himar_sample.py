@@ -49,6 +49,8 @@ def main():
                  "encoder capacities compiled as lax.switch branches)")
   p.add_argument("--compilation_cache", default="none", help="JAX persistent compilation cache folder (the CLI's "
                  "--compilation_cache; default none here, so first_call_s is a compile)")
+  p.add_argument("--devices", type=int, default=0, help="N > 0: sample through himar_jax.sampling.sample_batches "
+                 "(the CLI's path) on a data-parallel mesh of the first N devices, --batch images per device")
   p.add_argument("--out", default=None)
   args = p.parse_args()
   enable_compilation_cache(args.compilation_cache)
@@ -70,6 +72,8 @@ def main():
   if args.mlp_steps is not None:
     kwargs["num_sampling_steps"] = args.mlp_steps
   model = models.model_fn(config)(nnx.Rngs(0))
+  if args.devices:
+    return _sample_on_mesh(args, config, model, kwargs)
   graphdef, state = nnx.split(model)
 
   @jax.jit
@@ -107,6 +111,41 @@ def main():
       "output_shape": list(out.shape), "finite": bool(jnp.all(jnp.isfinite(out))),
   }
   report(result, args.out)
+
+
+def _sample_on_mesh(args, config, model, kwargs):
+  """Seconds per global batch of sampling.sample_batches (samples back on the host) on a data-parallel mesh of
+  args.devices devices, args.batch images per device."""
+  from himar_jax import sampling
+  from himar_jax.parallel import mesh as mesh_lib, sharding as sharding_lib
+  from himar_jax.train.state import split_model
+  mesh = mesh_lib.make_mesh((-1, 1, 1), jax.devices()[:args.devices])
+  graphdef, params, buffers = split_model(model)
+  params = jax.device_put(nnx.to_pure_dict(params), sharding_lib.param_shardings(params, mesh))
+  buffers = jax.device_put(nnx.to_pure_dict(buffers), sharding_lib.replicated(mesh))
+  restored = sampling.RestoredModel(graphdef, params, buffers, mesh)
+  batch = args.batch * args.devices
+  labels = np.arange(batch) % config.model.num_classes
+  run = lambda seed: sampling.sample_batches(restored, labels, seed=seed, batch_size=batch, **kwargs)
+  t0 = time.perf_counter()
+  out = run(0)
+  first_s = time.perf_counter() - t0
+  times = []
+  for r in range(args.repeats):
+    t0 = time.perf_counter()
+    out = run(r + 1)
+    times.append(time.perf_counter() - t0)
+  batch_s = float(np.median(times))
+  peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", float("nan")) / 2 ** 30 for d in mesh.devices.flat]
+  report({
+      "command": "PYTHONPATH=. python " + " ".join(sys.argv),
+      "device": jax.devices()[0].device_kind, "jax": jax.__version__, "variant": args.variant,
+      "devices": args.devices, "batch_per_device": args.batch, "global_batch": batch,
+      "fused_mlp": config.model.get("fused_mlp"), "encoder_buckets": config.model.encoder_buckets,
+      "sample_kwargs": dict(kwargs), "first_call_s (compile + run)": first_s, "batch_s": batch_s,
+      "batch_s_each": times, "s_per_image": batch_s / batch, "peak_memory_gib_per_device": peaks,
+      "output_shape": list(out.shape), "finite": bool(np.all(np.isfinite(out))),
+  }, args.out)
 
 
 if __name__ == "__main__":

@@ -65,16 +65,22 @@ def config_and_checkpoint(flags, verb: str):
 
 
 @functools.lru_cache(maxsize=16)
-def _sampler(graphdef, sample_kwargs: tuple, decoder_key=None):
-  """One jitted sampler per (model structure, sampler settings, decoder): repeated calls (evaluation chunks,
+def _sampler(graphdef, sample_kwargs: tuple, decoder_key=None, mesh: Mesh | None = None):
+  """One jitted sampler per (model structure, sampler settings, decoder, mesh): repeated calls (evaluation chunks,
   grids) reuse the compiled program instead of tracing a new closure each time. With a decoder the samples are
-  decoded into images in the same program (sharded like the batch)."""
+  decoded into images in the same program (sharded like the batch).
+
+  The program is traced under `mesh` (jax.sharding.use_abstract_mesh), as the train step is: activations stay
+  pinned to the batch sharding (sharding.constrain) and the Pallas kernels run on each device's rows
+  (sharding.per_shard). Without it, XLA's partitioner all-gathers a kernel's operands and every device computes
+  the whole global batch in it."""
   kwargs = dict(sample_kwargs)
 
   @jax.jit
   def sample(params, buffers, decoder_state, labels, keys):
-    model = nnx.merge(graphdef, nnx.State(params), nnx.State(buffers))
-    return decode_outputs(decoder_key, decoder_state, model.sample(labels, keys=keys, **kwargs))
+    with sharding_lib.use_mesh_for_tracing(mesh):
+      model = nnx.merge(graphdef, nnx.State(params), nnx.State(buffers))
+      return decode_outputs(decoder_key, decoder_state, model.sample(labels, keys=keys, **kwargs))
 
   return sample
 
@@ -109,7 +115,7 @@ def sample_batches(restored: RestoredModel, labels: np.ndarray, *, seed: int, ba
   batch_sh = sharding_lib.batch_sharding(restored.mesh, 1)
   decoder_key = None if decoder is None else decoder.key
   decoder_state = None if decoder is None else decoder.state
-  sample = _sampler(restored.graphdef, tuple(sorted(sample_kwargs.items())), decoder_key)
+  sample = _sampler(restored.graphdef, tuple(sorted(sample_kwargs.items())), decoder_key, restored.mesh)
   base = jax.random.key(seed)
   out = []
   starts = range(0, len(labels), batch_size)

@@ -86,6 +86,30 @@ def test_sampling_is_deterministic_per_sample(fake_fashion_mnist, tmp_path):
   np.testing.assert_allclose(d, a[8:], atol=1e-5)
 
 
+def test_sampler_traces_under_the_sampling_mesh(fake_fashion_mnist, tmp_path, monkeypatch):
+  """The sampling program is traced under its mesh, so the model's activation constraints and the Pallas
+  kernels' per-device wrapper (sharding.constrain / per_shard) see the 8-device mesh; without it XLA would
+  all-gather a kernel's operands and run it on the whole batch on every device."""
+  from himar_jax import sampling
+  from himar_jax.parallel import sharding
+  from himar_jax.train import loop
+  config = get_config("tiny")
+  config.data.path = fake_fashion_mnist
+  config.train.num_steps = 1
+  loop.train(config, str(tmp_path))
+  restored = sampling.restore_model_for_sampling(config, loop.checkpoint_dir(str(tmp_path)))
+  seen = []
+  partitioned = sharding._partitioned_mesh
+  monkeypatch.setattr(sharding, "_partitioned_mesh", lambda: seen.append(partitioned()) or seen[-1])
+  sampling._sampler.cache_clear()  # trace anew
+  kwargs = models.family_module(config).sample_kwargs(config)
+  out = sampling.sample_batches(restored, np.arange(8) % 10, seed=1, batch_size=8, **kwargs)
+  assert out.shape[0] == 8
+  meshes = [m for m in seen if m is not None]
+  assert seen and len(meshes) == len(seen)  # every constraint / kernel wrapper saw the mesh
+  assert meshes[0].size == 8 and meshes[0].shape == restored.mesh.abstract_mesh.shape
+
+
 def test_compilation_cache_writes_and_reuses_programs(tmp_path):
   """--compilation_cache: the first process compiles and writes the program to the folder, a second one with the
   same program loads it from there (a cache hit) and writes nothing."""

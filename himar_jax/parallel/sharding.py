@@ -12,6 +12,7 @@ Logical names used by every model (annotate params with `nnx.with_partitioning(i
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -97,6 +98,12 @@ def param_shardings(abstract_params, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> di
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
   """Global batches split their leading dimension over data x fsdp; other dimensions replicated."""
   return NamedSharding(mesh, logical_to_mesh_spec(("batch",) + (None,) * (ndim - 1), None, mesh))
+
+
+def use_mesh_for_tracing(mesh: Mesh | None):
+  """Context under which a jitted function is traced for `mesh` (jax.sharding.use_abstract_mesh): constrain and
+  per_shard below refer to it. A no-op context for None."""
+  return contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
 def _partitioned_mesh():

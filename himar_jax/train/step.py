@@ -69,7 +69,7 @@ def make_train_step(setup: TrainSetup, ema_decay: float, *, gradients: str = "sp
           out_specs=((P(), P()), P()))(state.params, state.buffers, batch, key, state.step)
     else:
       # The mesh the model's activation constraints (sharding_lib.constrain) refer to.
-      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      with sharding_lib.use_mesh_for_tracing(mesh):
         (loss, metrics), grads = loss_and_grads(state.params, state.buffers, batch, key, state.step)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
