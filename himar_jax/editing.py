@@ -30,6 +30,7 @@ from flax import nnx
 from himar_jax import models, sampling
 from himar_jax.models.himar import patchify, unpatchify
 from himar_jax.models.next_scale import token_masks_from_pixels
+from himar_jax.parallel import sharding as sharding_lib
 from himar_jax.tokenizers.resize import pivot_downsample
 
 
@@ -131,26 +132,28 @@ def _to_channels(images, tokenizer):
 
 
 @functools.lru_cache(maxsize=8)
-def _editor(graphdef, tok_graphdef, family: str, sample_kwargs: tuple):
-  """Jitted: (params, buffers, tokenizer state, labels, keys, images, keep) -> (images, tokens, known, mask)."""
+def _editor(graphdef, tok_graphdef, family: str, sample_kwargs: tuple, mesh=None):
+  """Jitted: (params, buffers, tokenizer state, labels, keys, images, keep) -> (images, tokens, known, mask),
+  traced under the sampling mesh (as sampling._sampler is)."""
   kwargs = dict(sample_kwargs)
 
   @jax.jit
   def edit(params, buffers, tok_state, labels, keys, images, keep):
-    model = nnx.merge(graphdef, nnx.State(params), nnx.State(buffers))
-    tokenizer = None if tok_graphdef is None else nnx.merge(tok_graphdef, nnx.State(tok_state))
-    known, known_mask = encode_known(family, model, tokenizer, images, keep)
-    if family == "next_scale":
-      tokens = model.sample(labels, keys=keys, known=known, known_mask=known_mask, **kwargs)
-      out = tokenizer.indices_to_img(model.split_scales(tokens))
-    else:
-      tokens = model.sample_tokens(labels, keys=keys, known=known, known_mask=known_mask, **kwargs)
-      if family == "pixel_mar":
-        out = jnp.clip(unpatchify(tokens, model.patch_size, model.channels), -1.0, 1.0)
+    with sharding_lib.use_mesh_for_tracing(mesh):
+      model = nnx.merge(graphdef, nnx.State(params), nnx.State(buffers))
+      tokenizer = None if tok_graphdef is None else nnx.merge(tok_graphdef, nnx.State(tok_state))
+      known, known_mask = encode_known(family, model, tokenizer, images, keep)
+      if family == "next_scale":
+        tokens = model.sample(labels, keys=keys, known=known, known_mask=known_mask, **kwargs)
+        out = tokenizer.indices_to_img(model.split_scales(tokens))
       else:
-        dense = tokens[1] if family == "himar" else tokens
-        out = jnp.clip(tokenizer.decode_scaled(unpatchify(dense, 1, model.token_dim)), -1.0, 1.0)
-    return out, tokens, known, known_mask
+        tokens = model.sample_tokens(labels, keys=keys, known=known, known_mask=known_mask, **kwargs)
+        if family == "pixel_mar":
+          out = jnp.clip(unpatchify(tokens, model.patch_size, model.channels), -1.0, 1.0)
+        else:
+          dense = tokens[1] if family == "himar" else tokens
+          out = jnp.clip(tokenizer.decode_scaled(unpatchify(dense, 1, model.token_dim)), -1.0, 1.0)
+      return out, tokens, known, known_mask
 
   return edit
 
@@ -180,7 +183,7 @@ def edit(config, restored: sampling.RestoredModel, image: np.ndarray, generate: 
     tok_graphdef, state = nnx.split(module)
     tok_state = nnx.to_pure_dict(state)
   sample_kwargs = models.family_module(config).sample_kwargs(config)
-  fn = _editor(restored.graphdef, tok_graphdef, family, tuple(sorted(sample_kwargs.items())))
+  fn = _editor(restored.graphdef, tok_graphdef, family, tuple(sorted(sample_kwargs.items())), restored.mesh)
   keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(num))
   images = jnp.broadcast_to(jnp.asarray(image, jnp.float32), (num,) + image.shape)
   keep = jnp.broadcast_to(jnp.asarray(~generate), (num,) + generate.shape)
