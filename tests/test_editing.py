@@ -60,10 +60,15 @@ def himar_edit(himar_setup):
   return config, restored, image, root
 
 
-def test_himar_inpainting_keeps_known_tokens_exactly(himar_edit):
+def test_himar_inpainting_keeps_known_tokens_exactly(himar_edit, monkeypatch):
   config, restored, image, _ = himar_edit
   generate = editing.box_mask("4,2,12,10", 16)
+  from himar_jax.parallel import sharding
+  seen, partitioned = [], sharding._partitioned_mesh
+  monkeypatch.setattr(sharding, "_partitioned_mesh", lambda: seen.append(partitioned()) or seen[-1])
+  editing._editor.cache_clear()  # trace anew
   out = editing.edit(config, restored, image, generate, label=3, num=2, seed=0)
+  assert seen and all(m is not None and m.size == 8 for m in seen)  # traced under the 8-device sampling mesh
   assert out["images"].shape == (2, 16, 16, 1) and np.abs(out["images"]).max() <= 1.0
   (low, dense), (known_low, known_dense), (mask_low, mask_dense) = out["tokens"], out["known"], out["known_mask"]
   # pixels [2, 10) x [4, 12): dense tokens (stride 2) rows 1..4, cols 2..5 generated; pivots (4 px) rows 0..2,
