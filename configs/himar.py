@@ -89,9 +89,10 @@ def _model(family: str, size: str) -> ml_collections.ConfigDict:
     # (GPU only; kernels/modulated_norm.py). Off: inside the head it measured slower than XLA's fusions (H100).
     m.fused_norm = False
     # True: every MLP's fc1 bias + GELU (the DiT blocks' tanh form, the backbone's exact form) in the matmul's
-    # epilogue (Hopper only, inference; training computes the unfused layer; kernels/fused_dense.py). Opt-in
-    # because its per-shard wrapper under a multi-device mesh is not measured yet (bench/notes.md v7, v8).
-    m.fused_mlp = False
+    # epilogue where that kernel runs (Hopper GPUs, bfloat16; elsewhere the unfused layer), at inference: training
+    # computes the unfused layer (kernels/fused_dense.py). Numbers differ from False by rounding only. Sampling
+    # 7% faster on an H100, on 2 GPUs as on one (bench/notes.md v7, v8, v10).
+    m.fused_mlp = True
     # published | fast (DDIM with 25 DiT-head steps over the fields above: models/himar.py SAMPLING_PRESETS; not
     # the paper's sampler)
     m.sampling_preset = "published"

@@ -124,3 +124,34 @@ def test_unsupported_shard_shapes_take_the_unfused_layer(monkeypatch):
   np.testing.assert_array_equal(np.asarray(fused_dense.fused_or_none(x, w, b)),
                                 np.asarray(fused_dense.unfused(x, w, b)))
   assert fused_dense.fused_or_none(x.astype(jnp.float32), w, b) is None  # float32: the caller's path
+
+
+def test_kernel_runs_per_device_at_inference_and_not_in_training(monkeypatch):
+  # Under an 8-device mesh the inference forward runs the kernel through the per-device wrapper (per_shard); the
+  # differentiated (training) program has neither, and its values and gradients are the plain Mlp's.
+  from himar_jax.parallel import mesh as mesh_lib, sharding
+  monkeypatch.setattr(fused_dense, "is_hopper", lambda: True)
+  monkeypatch.setattr(fused_dense, "dense_gelu", lambda x, kernel, bias, approximate: fused_dense.reference(
+      x, kernel, bias, approximate=approximate))
+  wrapped = []
+  monkeypatch.setattr(fused_dense, "per_shard", lambda fn, *xs, logical: wrapped.append(xs[0].shape) or
+                      sharding.per_shard(fn, *xs, logical=logical))
+  mesh = mesh_lib.make_mesh((-1, 1, 1))
+  x = jax.device_put(jax.random.normal(jax.random.key(6), (8, 128, 64), jnp.float32), sharding.batch_sharding(mesh, 3))
+  graph, params = nnx.split(_mlp(True))
+  params = jax.device_put(params, sharding.replicated(mesh))
+  plain_graph, _ = nnx.split(_mlp(False))
+
+  def loss(params, x, graph=graph):
+    with sharding.use_mesh_for_tracing(mesh):
+      return jnp.sum(nnx.merge(graph, params)(x).astype(jnp.float32) ** 2)
+
+  inference = jax.jit(loss)(params, x)
+  assert wrapped == [(8, 128, 64)]  # the global rows; per_shard hands each device its 128
+  value, grads = jax.jit(jax.value_and_grad(loss))(params, x)
+  assert len(wrapped) == 1  # differentiation: no kernel, no wrapper
+  plain_value, plain_grads = jax.jit(jax.value_and_grad(functools.partial(loss, graph=plain_graph)))(params, x)
+  np.testing.assert_array_equal(np.asarray(value), np.asarray(plain_value))
+  for g, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(plain_grads)):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(ref))
+  assert np.isfinite(float(inference)) and abs(float(inference) - float(value)) <= 1e-2 * abs(float(value))

@@ -193,7 +193,13 @@ def dense_gelu(x, kernel, bias, *, approximate: bool = True, config: TileConfig 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _fused_with_unfused_grads(x, kernel, bias, approximate):
-  return dense_gelu(x, kernel, bias, approximate=approximate)
+  # Not differentiated (inference): the kernel on each device's rows under a mesh (sharding.per_shard), the
+  # unfused layer on a shard whose shapes it does not take.
+  def run(x):
+    if unsupported_reason(x, kernel) is not None:
+      return unfused(x, kernel, bias, approximate)
+    return dense_gelu(x, kernel, bias, approximate=approximate)
+  return per_shard(run, x, logical=("batch",) + (None,) * (x.ndim - 1))
 
 
 def _fused_fwd(x, kernel, bias, approximate):
@@ -213,13 +219,9 @@ _fused_with_unfused_grads.defvjp(_fused_fwd, _fused_bwd)
 def fused_or_none(x, kernel, bias, approximate: bool = True):
   """gelu(x @ kernel + bias) by the kernel where it runs (a Hopper GPU, bfloat16 / float16), else None: the caller
   then keeps its unfused path. Under a mesh (sharding.per_shard) the kernel runs on each device's rows; a shard
-  whose shapes it does not take (unsupported_reason) computes `unfused`. Under differentiation the forward and its
-  gradients are `unfused`'s."""
+  whose shapes it does not take (unsupported_reason) computes `unfused`. Under differentiation (training) the
+  forward and its gradients are `unfused`'s, with no kernel and no per-device wrapper: the training program is the
+  one without the flag."""
   if not is_hopper() or _dtype_reason(x) is not None:
     return None
-
-  def run(x):
-    if unsupported_reason(x, kernel) is not None:
-      return unfused(x, kernel, bias, approximate)
-    return _fused_with_unfused_grads(x, kernel, bias, approximate)
-  return per_shard(run, x, logical=("batch",) + (None,) * (x.ndim - 1))
+  return _fused_with_unfused_grads(x, kernel, bias, approximate)
