@@ -47,6 +47,8 @@ def main():
                  "MLP's fc1 bias + GELU in the matmul epilogue, Hopper only)")
   p.add_argument("--buckets", type=int, default=None, help="config.model.encoder_buckets override (phase-2 / MAR "
                  "encoder capacities compiled as lax.switch branches)")
+  p.add_argument("--scan_blocks", type=int, default=None, help="config.model.scan_blocks override: 0 | 1 (1: one "
+                 "lax.scan per block stack, over the blocks' weights stacked at call time)")
   p.add_argument("--compilation_cache", default="none", help="JAX persistent compilation cache folder (the CLI's "
                  "--compilation_cache; default none here, so first_call_s is a compile)")
   p.add_argument("--devices", type=int, default=0, help="N > 0: sample through himar_jax.sampling.sample_batches "
@@ -63,6 +65,8 @@ def main():
     config.model.fused_mlp = bool(args.fused_mlp)
   if args.buckets is not None:
     config.model.encoder_buckets = args.buckets
+  if args.scan_blocks is not None:
+    config.model.scan_blocks = bool(args.scan_blocks)
   family = models.family_module(config)
   kwargs = family.sample_kwargs(config)
   if args.num_iter is not None:
@@ -101,7 +105,7 @@ def main():
       "device": jax.devices()[0].device_kind, "jax": jax.__version__, "variant": args.variant,
       "batch": args.batch, "sampling_preset": args.preset, "fused_norm": config.model.get("fused_norm"),
       "fused_mlp": config.model.get("fused_mlp"), "encoder_buckets": config.model.encoder_buckets,
-      "compilation_cache": args.compilation_cache,
+      "scan_blocks": config.model.scan_blocks, "compilation_cache": args.compilation_cache,
       "sample_kwargs": {k: v for k, v in kwargs.items()},
       "dit_sampling_steps": kwargs.get("dit_sampling_steps", config.model.get("dit_sampling_steps")),
       "mlp_sampling_steps": kwargs.get("num_sampling_steps", config.model.num_sampling_steps),
