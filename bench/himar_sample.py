@@ -76,8 +76,18 @@ def main():
   if args.mlp_steps is not None:
     kwargs["num_sampling_steps"] = args.mlp_steps
   model = models.model_fn(config)(nnx.Rngs(0))
+  common = {
+      "command": "PYTHONPATH=. python " + " ".join(sys.argv),
+      "device": jax.devices()[0].device_kind, "jax": jax.__version__, "variant": args.variant,
+      "sampling_preset": args.preset, "fused_norm": config.model.get("fused_norm"),
+      "fused_mlp": config.model.get("fused_mlp"), "encoder_buckets": config.model.encoder_buckets,
+      "scan_blocks": config.model.scan_blocks, "compilation_cache": args.compilation_cache,
+      "sample_kwargs": dict(kwargs),
+      "dit_sampling_steps": kwargs.get("dit_sampling_steps", config.model.get("dit_sampling_steps")),
+      "mlp_sampling_steps": kwargs.get("num_sampling_steps", config.model.num_sampling_steps),
+  }
   if args.devices:
-    return _sample_on_mesh(args, config, model, kwargs)
+    return _sample_on_mesh(args, config, model, kwargs, common)
   graphdef, state = nnx.split(model)
 
   @jax.jit
@@ -85,69 +95,54 @@ def main():
     return nnx.merge(graphdef, state).sample(labels, keys=keys, **kwargs)
 
   labels = jnp.arange(args.batch, dtype=jnp.int32) % config.model.num_classes
-  keys = jax.random.split(jax.random.key(0), args.batch)
-  t0 = time.perf_counter()
-  jax.block_until_ready(sample(state, labels, keys))
-  first_s = time.perf_counter() - t0
-  times = []
-  for r in range(args.repeats):
-    keys = jax.random.split(jax.random.key(r + 1), args.batch)
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(sample(state, labels, keys))
-    times.append(time.perf_counter() - t0)
+  keys_of = lambda seed: jax.random.split(jax.random.key(seed), args.batch)
+  first_s, times, out = _time_calls(lambda seed: jax.block_until_ready(sample(state, labels, keys_of(seed))),
+                                    args.repeats)
   batch_s = float(np.median(times))
   stats = jax.devices()[0].memory_stats() or {}
   if args.profile:
-    trace_summary.profile_calls(lambda: sample(state, labels, keys), args.profile, calls=1,
+    trace_summary.profile_calls(lambda: sample(state, labels, keys_of(args.repeats)), args.profile, calls=1,
                                 module="jit_sample")
-  result = {
-      "command": "PYTHONPATH=. python " + " ".join(sys.argv),
-      "device": jax.devices()[0].device_kind, "jax": jax.__version__, "variant": args.variant,
-      "batch": args.batch, "sampling_preset": args.preset, "fused_norm": config.model.get("fused_norm"),
-      "fused_mlp": config.model.get("fused_mlp"), "encoder_buckets": config.model.encoder_buckets,
-      "scan_blocks": config.model.scan_blocks, "compilation_cache": args.compilation_cache,
-      "sample_kwargs": {k: v for k, v in kwargs.items()},
-      "dit_sampling_steps": kwargs.get("dit_sampling_steps", config.model.get("dit_sampling_steps")),
-      "mlp_sampling_steps": kwargs.get("num_sampling_steps", config.model.num_sampling_steps),
+  report({
+      **common, "batch": args.batch,
       "first_call_s (compile + run)": first_s, "batch_s": batch_s, "batch_s_each": times,
       "s_per_image": batch_s / args.batch,
       "peak_memory_gib": stats.get("peak_bytes_in_use", float("nan")) / 2 ** 30,
       "output_shape": list(out.shape), "finite": bool(jnp.all(jnp.isfinite(out))),
-  }
-  report(result, args.out)
+  }, args.out)
 
 
-def _sample_on_mesh(args, config, model, kwargs):
-  """Seconds per global batch of sampling.sample_batches (samples back on the host) on a data-parallel mesh of
-  args.devices devices, args.batch images per device."""
-  from himar_jax import sampling
-  from himar_jax.parallel import mesh as mesh_lib, sharding as sharding_lib
-  from himar_jax.train.state import split_model
-  mesh = mesh_lib.make_mesh((-1, 1, 1), jax.devices()[:args.devices])
-  graphdef, params, buffers = split_model(model)
-  params = jax.device_put(nnx.to_pure_dict(params), sharding_lib.param_shardings(params, mesh))
-  buffers = jax.device_put(nnx.to_pure_dict(buffers), sharding_lib.replicated(mesh))
-  restored = sampling.RestoredModel(graphdef, params, buffers, mesh)
-  batch = args.batch * args.devices
-  labels = np.arange(batch) % config.model.num_classes
-  run = lambda seed: sampling.sample_batches(restored, labels, seed=seed, batch_size=batch, **kwargs)
+def _time_calls(run, repeats: int):
+  """(seconds of run(0), the compiling call; seconds of run(1) .. run(repeats); the last output). run(seed) must
+  return finished results."""
   t0 = time.perf_counter()
   out = run(0)
   first_s = time.perf_counter() - t0
   times = []
-  for r in range(args.repeats):
+  for r in range(repeats):
     t0 = time.perf_counter()
     out = run(r + 1)
     times.append(time.perf_counter() - t0)
+  return first_s, times, out
+
+
+def _sample_on_mesh(args, config, model, kwargs, common):
+  """Seconds per global batch of sampling.sample_batches (samples back on the host) on a data-parallel mesh of
+  args.devices devices, args.batch images per device."""
+  from himar_jax import sampling
+  from himar_jax.parallel import mesh as mesh_lib
+  restored = sampling.place_for_sampling(model, mesh_lib.make_mesh((-1, 1, 1), jax.devices()[:args.devices]))
+  batch = args.batch * args.devices
+  labels = np.arange(batch) % config.model.num_classes
+  first_s, times, out = _time_calls(
+      lambda seed: sampling.sample_batches(restored, labels, seed=seed, batch_size=batch, **kwargs), args.repeats)
   batch_s = float(np.median(times))
-  peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", float("nan")) / 2 ** 30 for d in mesh.devices.flat]
+  peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", float("nan")) / 2 ** 30
+           for d in restored.mesh.devices.flat]
   report({
-      "command": "PYTHONPATH=. python " + " ".join(sys.argv),
-      "device": jax.devices()[0].device_kind, "jax": jax.__version__, "variant": args.variant,
-      "devices": args.devices, "batch_per_device": args.batch, "global_batch": batch,
-      "fused_mlp": config.model.get("fused_mlp"), "encoder_buckets": config.model.encoder_buckets,
-      "sample_kwargs": dict(kwargs), "first_call_s (compile + run)": first_s, "batch_s": batch_s,
-      "batch_s_each": times, "s_per_image": batch_s / batch, "peak_memory_gib_per_device": peaks,
+      **common, "devices": args.devices, "batch_per_device": args.batch, "global_batch": batch,
+      "first_call_s (compile + run)": first_s, "batch_s": batch_s, "batch_s_each": times,
+      "s_per_image": batch_s / batch, "peak_memory_gib_per_device": peaks,
       "output_shape": list(out.shape), "finite": bool(np.all(np.isfinite(out))),
   }, args.out)
 

@@ -37,8 +37,7 @@ def restore_model_for_sampling(config, checkpoint_dir: str, *, mesh: Mesh | None
   mesh = mesh or mesh_lib.make_mesh((-1, 1, 1))
   abstract_model = nnx.eval_shape(lambda: models.model_fn(config)(nnx.Rngs(0)))
   graphdef, abstract_params, abstract_buffers = split_model(abstract_model)
-  pure_shardings = sharding_lib.param_shardings(abstract_params, mesh)
-  repl = sharding_lib.replicated(mesh)
+  pure_shardings, repl = _placement(abstract_params, mesh)
   abstract = {
       which: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           nnx.to_pure_dict(abstract_params), pure_shardings),
@@ -47,6 +46,22 @@ def restore_model_for_sampling(config, checkpoint_dir: str, *, mesh: Mesh | None
   }
   restored = ckpt_lib.restore_subtrees(checkpoint_dir, abstract, step=step)
   return RestoredModel(graphdef, restored[which], restored["buffers"], mesh)
+
+
+def place_for_sampling(model: nnx.Module, mesh: Mesh | None = None) -> RestoredModel:
+  """An in-memory model placed on `mesh` (default: every device, data parallel) as restore_model_for_sampling
+  places a checkpoint's (e.g. random weights for a benchmark)."""
+  mesh = mesh or mesh_lib.make_mesh((-1, 1, 1))
+  graphdef, params, buffers = split_model(model)
+  pure_shardings, repl = _placement(params, mesh)
+  return RestoredModel(graphdef, jax.device_put(nnx.to_pure_dict(params), pure_shardings),
+                       jax.device_put(nnx.to_pure_dict(buffers), repl), mesh)
+
+
+def _placement(params, mesh: Mesh):
+  """(the params' shardings as a pure dict, the buffers' sharding) for sampling on `mesh`: params by their logical
+  axes, buffers replicated."""
+  return sharding_lib.param_shardings(params, mesh), sharding_lib.replicated(mesh)
 
 
 def config_and_checkpoint(flags, verb: str):

@@ -282,3 +282,21 @@ def test_next_scale_decoder_from_an_official_layout_file(tmp_path):
   config.tokenizer.preset = ""
   with pytest.raises(ValueError, match="is a file: set config.tokenizer.config"):
     sampling.load_image_decoder(config)
+
+
+def test_place_for_sampling_puts_params_by_their_logical_axes():
+  """An in-memory model placed as restore_model_for_sampling places a checkpoint: params sharded by the rules
+  table, the module round trip unchanged."""
+  from configs.quickstart import get_config
+  from himar_jax.parallel import mesh as mesh_lib, sharding
+  from himar_jax.train.state import split_model
+  model = models.model_fn(get_config("tiny"))(nnx.Rngs(0))
+  mesh = mesh_lib.make_mesh((2, 4, 1))  # fsdp 4: some params are split
+  restored = sampling.place_for_sampling(model, mesh)
+  _, params, _ = split_model(model)
+  want = sharding.param_shardings(params, mesh)
+  got = jax.tree.map(lambda a: a.sharding, restored.params)
+  assert jax.tree.leaves(got) == jax.tree.leaves(want)
+  assert any(s.spec != jax.sharding.PartitionSpec() for s in jax.tree.leaves(got))
+  for a, b in zip(jax.tree.leaves(nnx.state(restored.module(), nnx.Param)), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
